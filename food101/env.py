@@ -1,0 +1,32 @@
+"""Process environment for the stack: keep state inside the project, telemetry off.
+
+Call `configure(project_dir)` before Prefect, MLflow or matplotlib are imported: Prefect reads
+PREFECT_HOME at import time. Values the user already set are kept.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+STATE_DIR = ".state"
+
+
+def configure(project_dir: Path) -> None:
+    state = Path(project_dir).resolve() / STATE_DIR
+    defaults = {
+        "PREFECT_HOME": str(state / "prefect"),
+        "MPLCONFIGDIR": str(state / "matplotlib"),
+        "DVC_SITE_CACHE_DIR": str(state / "dvc-site"),
+        "DVC_GLOBAL_CONFIG_DIR": str(state / "dvc-global"),
+        # Telemetry: none of it can leave this network anyway, and it slows start-up.
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_PYTHON_REFRESH": "quiet",
+    }
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    for key in ("PREFECT_HOME", "MPLCONFIGDIR"):
+        Path(os.environ[key]).mkdir(parents=True, exist_ok=True)
