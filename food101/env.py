@@ -25,6 +25,8 @@ def configure(project_dir: Path) -> None:
         "DO_NOT_TRACK": "true",
         "DVC_NO_ANALYTICS": "1",
         "GIT_PYTHON_REFRESH": "quiet",
+        # Stage code logs through `logging`; these loggers show up in Prefect's run logs.
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "food101,tasks,flows",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

@@ -1,0 +1,80 @@
+"""Shared fixtures: an isolated environment, configs whose outputs live in a temp folder."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+GENERATED_PATHS = ("raw", "dataset", "manifest", "cache", "models", "eval", "confusion", "reports",
+                   "tracking_db", "tracking_artifacts")
+_DEFAULT_RELATIVE = {
+    "raw": "data/raw", "dataset": "data/raw/dataset.json", "manifest": "data/manifest",
+    "cache": "data/cache", "models": "artifacts/models", "eval": "artifacts/eval",
+    "confusion": "artifacts/confusion", "reports": "reports", "tracking_db": "mlflow.db",
+    "tracking_artifacts": "mlruns",
+}
+
+# Before anything imports Prefect or MLflow: keep their state out of the home folder.
+_STATE = Path(os.environ.get("FOOD101_TEST_STATE", "/tmp/food101-test-state")) / str(os.getpid())
+os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
+os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
+os.environ["DVC_SITE_CACHE_DIR"] = str(_STATE / "dvc-site")
+os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(_STATE / "dvc-global")
+os.environ["TORCH_HOME"] = str(_STATE / "torch")  # no pretrained weights unless a test puts them there
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("FOOD101_PARAMS", None)
+
+from food101 import env  # noqa: E402
+
+env.configure(REPO)
+
+
+def generated_overrides(root: Path) -> dict[str, str]:
+    """--set overrides that move every generated path under `root` (the sample stays shared)."""
+    out = {f"paths.{k}": str(root / v) for k, v in _DEFAULT_RELATIVE.items()}
+    out["paths.sample"] = str(SAMPLE)
+    return out
+
+
+def make_config(root: Path, profile: str | None = "demo", **overrides):
+    """The repo's params.yaml with a profile, every output redirected under `root`."""
+    from food101.config import load_config
+
+    merged = generated_overrides(root) | {k.replace("__", "."): v for k, v in overrides.items()}
+    return load_config(REPO / "params.yaml", profile=profile, overrides=merged)
+
+
+@pytest.fixture
+def demo_config(tmp_path: Path):
+    return make_config(tmp_path)
+
+
+@pytest.fixture
+def sample_copy(tmp_path: Path) -> Path:
+    """A writable copy of the bundled sample, to break on purpose."""
+    target = tmp_path / "sample"
+    shutil.copytree(SAMPLE, target)
+    return target
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's own test harness: a temporary API database for the whole session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
