@@ -13,7 +13,7 @@ SAMPLE = REPO / "data" / "sample"
 GENERATED_PATHS = ("raw", "dataset", "manifest", "cache", "models", "eval", "confusion", "reports",
                    "tracking_db", "tracking_artifacts")
 _DEFAULT_RELATIVE = {
-    "raw": "data/raw", "dataset": "data/raw/dataset.json", "manifest": "data/manifest",
+    "raw": "data/raw", "dataset": "data/dataset.json", "manifest": "data/manifest",
     "cache": "data/cache", "models": "artifacts/models", "eval": "artifacts/eval",
     "confusion": "artifacts/confusion", "reports": "reports", "tracking_db": "mlflow.db",
     "tracking_artifacts": "mlruns",

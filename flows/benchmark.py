@@ -1,0 +1,153 @@
+"""The benchmark DAG as one Prefect flow, `food101`.
+
+    download -> validate -> preprocess -> train[m] -> evaluate[m] (per model, in parallel)
+                                                                  -> confusion -> report
+
+Each stage is a task in tasks/ that reads its inputs from files and writes its outputs to files
+(the same functions `dvc repro` runs through `food101 stage`). The flow adds what only an
+orchestrator can: the fan-out over models, isolation of one model's failure from the others,
+one MLflow parent run around everything, and the comparison with the previous benchmark.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+from prefect.futures import as_completed
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+from tasks.confusion import confusion
+from tasks.download import download
+from tasks.evaluate import evaluate
+from tasks.preprocess import preprocess
+from tasks.report import report
+from tasks.train import train
+from tasks.validate import validate
+
+from food101.config import Config, load_config
+from food101.tracking import finish_run, start_benchmark_run
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "food101"
+DEPLOYMENT_NAME = "benchmark"
+
+# The DAG's stages in order; dvc.yaml lists the same names (tests/test_dag.py checks it).
+STAGES = {
+    "download": download,
+    "validate": validate,
+    "preprocess": preprocess,
+    "train": train,
+    "evaluate": evaluate,
+    "confusion": confusion,
+    "report": report,
+}
+PER_MODEL_STAGES = ("train", "evaluate")
+
+
+class AllModelsFailed(RuntimeError):
+    """No model could be trained and evaluated, so there is nothing to compare."""
+
+
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+def benchmark(
+    profile: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    params_file: str | None = None,
+) -> dict[str, Any]:
+    """Benchmark every model in params.yaml on Food-101 and publish the report."""
+    config = load_config(Path(params_file) if params_file else None, profile, overrides)
+    log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
+    parent = start_benchmark_run(config, {"prefect_flow_run_id": flow_run.id or "none"})
+    status = "FAILED"
+    try:
+        result = run_stages(config, parent.run_id)
+        status = "FINISHED"
+        return result
+    finally:
+        finish_run(parent, status)
+
+
+def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
+    """The DAG itself: call each stage in order, fanning out per model."""
+    stage = STAGES
+    stage["download"](config, parent_run_id)
+    data = stage["validate"](config, parent_run_id)
+    stage["preprocess"](config, parent_run_id)
+
+    # Train every model at once; the train task itself serialises models that share a device.
+    # As each training finishes, its evaluation starts, so evaluation overlaps later trainings.
+    trainings = {
+        stage["train"].submit(config, model, parent_run_id): model for model in config.models
+    }
+    evaluations = {}
+    failures: dict[str, str] = {}
+    for future in as_completed(list(trainings)):
+        model = trainings[future]
+        if future.state.is_completed():
+            evaluations[model] = stage["evaluate"].submit(config, model, parent_run_id)
+        else:
+            failures[model] = f"training failed: {_state_error(future.state)}"
+    evaluated: dict[str, dict[str, Any]] = {}
+    for model, future in evaluations.items():
+        future.wait()
+        if future.state.is_completed():
+            evaluated[model] = future.result()
+        else:
+            failures[model] = f"evaluation failed: {_state_error(future.state)}"
+    for model, reason in failures.items():
+        log.error("model %s is out of this benchmark: %s", model, reason)
+
+    models = [m for m in config.models if m in evaluated]  # keep params.yaml's order
+    if not models:
+        stage["report"](config, [], failures, parent_run_id)
+        raise AllModelsFailed(f"every model failed: {failures}")
+    stage["confusion"](config, models, parent_run_id)
+    published = stage["report"](config, models, failures, parent_run_id)
+    return {
+        "profile": config.profile,
+        "parent_run_id": parent_run_id,
+        "models": {m: evaluated[m] for m in models},
+        "failures": failures,
+        "data": data,
+        "report": published,
+    }
+
+
+def _state_error(state: Any) -> str:
+    """The exception message behind a failed task state (Prefect keeps it in the state's result)."""
+    error = state.result(raise_on_failure=False)
+    if isinstance(error, BaseException):
+        return f"{type(error).__name__}: {error}"
+    return state.message or state.name
+
+
+def flow_for(config: Config, base: Any = benchmark) -> Any:
+    """The flow with the task runner that `orchestration` asks for (threads, or a Dask cluster)."""
+    if config.orchestration.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        return base.with_options(task_runner=DaskTaskRunner(address=config.orchestration.dask_address))
+    return base
+
+
+def serve_deployment(
+    config: Config, params_file: Path, profile: str | None, overrides: dict[str, Any] | None
+) -> None:
+    """Register deployment food101/benchmark with its weekly schedule and execute its runs.
+
+    One benchmark at a time (global_limit=1): two would fight over the same GPUs and files.
+    """
+    from prefect.schedules import Cron
+
+    flow_for(config).serve(
+        name=DEPLOYMENT_NAME,
+        schedules=[Cron(config.schedule.cron, timezone=config.schedule.timezone)],
+        parameters={"profile": profile, "overrides": overrides or None, "params_file": str(params_file)},
+        global_limit=1,
+        description=f"Weekly Food-101 re-benchmark ({config.profile}): {', '.join(config.models)}",
+        tags=["food101", config.profile],
+    )

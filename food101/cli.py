@@ -1,0 +1,188 @@
+"""`food101`: run the benchmark, one stage of it, the weekly deployment, or a prediction.
+
+Errors a user can fix (a bad parameter, a missing file, unreachable data) are printed as one
+clear message with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from food101 import env
+from food101.config import Config, ConfigError, dump_params, find_params_file, load_config
+from food101.errors import Food101Error
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    help="Benchmark image classifiers on Food-101 and publish a report that says which to deploy.",
+)
+log = logging.getLogger("food101")
+
+ProfileOpt = Annotated[
+    str | None,
+    typer.Option("--profile", "-p", help="Named overrides from profiles/: demo, quick or full."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", metavar="KEY=VALUE", help="Override one parameter, e.g. train.epochs=3 (repeatable)."),
+]
+ParamsOpt = Annotated[
+    Path | None,
+    typer.Option("--params", help="The params.yaml to use (default: $FOOD101_PARAMS, else the nearest one above)."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+
+def _setup(params: Path | None, verbose: bool) -> Path:
+    """Find params.yaml, point the stack's state at the project, configure logging."""
+    params_file = (params.resolve() if params else find_params_file())
+    if not params_file.is_file():
+        raise ConfigError(f"{params_file} does not exist; pass --params PATH to an existing params.yaml")
+    env.configure(params_file.parent)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("alembic", "mlflow.store", "httpx", "urllib3", "great_expectations"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return params_file
+
+
+def _load(params_file: Path, profile: str | None, overrides: list[str] | None) -> Config:
+    return load_config(params_file, profile=profile, overrides=overrides or [])
+
+
+@app.command()
+def run(profile: ProfileOpt = None, set_: SetOpt = None, params: ParamsOpt = None, verbose: VerboseOpt = False) -> None:
+    """Run the whole benchmark flow in this process (embedded Prefect API, local MLflow)."""
+    params_file = _setup(params, verbose)
+    config = _load(params_file, profile, set_)  # fail fast on bad parameters, before Prefect starts
+    from flows.benchmark import benchmark, flow_for
+
+    overrides = dict(_pairs(set_))
+    result = flow_for(config, benchmark)(profile=profile, overrides=overrides or None, params_file=str(params_file))
+    report = result["report"]
+    typer.echo("")
+    typer.echo(f"Benchmark finished ({config.profile}). Recommended model: {report.get('recommended')}")
+    for model, reason in result["failures"].items():
+        typer.echo(f"  failed: {model}: {reason}")
+    typer.echo(f"Report:  {report['report_html']}")
+    typer.echo(f"         {report['report_md']}")
+    typer.echo(f"MLflow:  {_mlflow_hint(config)} (parent run {result['parent_run_id']})")
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="download, validate, preprocess, train, evaluate, confusion or report.")],
+    model: Annotated[str | None, typer.Option("--model", "-m", help="The model, for train and evaluate.")] = None,
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    params: ParamsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run one stage without Prefect's engine: what `dvc repro` calls."""
+    params_file = _setup(params, verbose)
+    config = _load(params_file, profile, set_)
+    from flows.benchmark import PER_MODEL_STAGES, STAGES
+
+    if name not in STAGES:
+        raise ConfigError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
+    entry = STAGES[name].fn
+    if name in PER_MODEL_STAGES:
+        if model not in config.models:
+            raise ConfigError(f"stage {name} needs --model, one of {config.models}")
+        result = entry(config, model)
+    else:
+        if model:
+            raise ConfigError(f"stage {name} runs over all models; drop --model")
+        result = entry(config)
+    log.info("stage %s done: %s", name, result)
+
+
+@app.command()
+def serve(
+    profile: ProfileOpt = None, set_: SetOpt = None, params: ParamsOpt = None, verbose: VerboseOpt = False
+) -> None:
+    """Register deployment food101/benchmark (weekly schedule from params) and run its flow runs.
+
+    Needs a Prefect server (PREFECT_API_URL). Trigger a run with
+    `prefect deployment run food101/benchmark`; runs use --profile/--set as their defaults.
+    """
+    params_file = _setup(params, verbose)
+    config = _load(params_file, profile, set_)
+    if not os.environ.get("PREFECT_API_URL"):
+        raise ConfigError(
+            "food101 serve needs a Prefect server: start one with `prefect server start` (or `make "
+            "prefect-server`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+        )
+    from flows.benchmark import serve_deployment
+
+    serve_deployment(config, params_file, profile=profile, overrides=dict(_pairs(set_)))
+
+
+@app.command("params")
+def params_cmd(
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    params: ParamsOpt = None,
+    write: Annotated[Path | None, typer.Option("--write", help="Write to this file instead of printing.")] = None,
+) -> None:
+    """Print the effective parameters (a profile merged into params.yaml), e.g. for `dvc repro`."""
+    params_file = params.resolve() if params else find_params_file()
+    text = dump_params(_load(params_file, profile, set_))
+    if write:
+        from food101.io import write_text
+
+        write_text(write, text)
+        typer.echo(f"wrote {write}")
+    else:
+        typer.echo(text, nl=False)
+
+
+@app.command()
+def predict(
+    photos: Annotated[list[Path], typer.Argument(help="JPEG photos of dishes.")],
+    top: Annotated[int, typer.Option("--top", "-k", help="How many dishes to list per photo.")] = 5,
+    params: ParamsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Classify photos with the registered champion model (top dishes with probabilities)."""
+    params_file = _setup(params, verbose)
+    config = _load(params_file, None, None)
+    from food101.registry import predict as predict_photos
+
+    for photo, ranked in zip(photos, predict_photos(config, photos, top_k=top), strict=True):
+        typer.echo(f"{photo}:")
+        for item in ranked["top"]:
+            typer.echo(f"  {item['probability']:6.1%}  {item['dish']}")
+
+
+def _pairs(items: list[str] | None) -> list[tuple[str, object]]:
+    from food101.config import parse_override
+
+    return [parse_override(item) for item in items or []]
+
+
+def _mlflow_hint(config: Config) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"mlflow ui --backend-store-uri sqlite:///{config.paths.tracking_db}"
+
+
+def main() -> None:
+    try:
+        app()
+    except (ConfigError, Food101Error) as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
