@@ -12,6 +12,7 @@ import difflib
 import hashlib
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Literal
 import yaml
 
 PARAMS_FILE = "params.yaml"
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 PROFILES_DIR = "profiles"
 
 
@@ -258,7 +260,12 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r} is not of the form key=value (for example train.epochs=3)")
-    return key.strip(), yaml.safe_load(value) if value.strip() else None
+    if not value.strip():
+        return key.strip(), None
+    parsed = yaml.safe_load(value)
+    if isinstance(parsed, str) and _FLOAT.fullmatch(parsed.strip()):
+        parsed = float(parsed)  # YAML 1.1 reads '1e-3' as text; a user means the number
+    return key.strip(), parsed
 
 
 def dump_params(config: Config) -> str:

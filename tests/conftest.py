@@ -78,3 +78,15 @@ def has_cuda() -> bool:
 
 
 cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory, prefect_harness):
+    """One real demo benchmark (the whole flow on the sample) shared by every test that inspects it."""
+    from flows.benchmark import benchmark
+
+    root = tmp_path_factory.mktemp("demo-run")
+    overrides = generated_overrides(root)
+    result = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
+    config = make_config(root)
+    return {"root": root, "config": config, "result": result, "overrides": overrides}

@@ -1,0 +1,3 @@
+from food101.cli import main
+
+main()

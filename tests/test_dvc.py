@@ -1,0 +1,77 @@
+"""`dvc repro` in a temporary git copy of the project reproduces the pipeline, then does nothing."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+
+def project_copy(target: Path) -> Path:
+    """Copy the project's files as git sees them (tracked, plus new files not ignored)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target / name)
+    return target
+
+
+def run(cmd: list[str], cwd: Path, env: dict[str, str], check: bool = True) -> subprocess.CompletedProcess:
+    done = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if check and done.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+    return done
+
+
+@pytest.fixture(scope="module")
+def dvc_project(tmp_path_factory):
+    root = project_copy(tmp_path_factory.mktemp("dvc-project"))
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
+    env.pop("FOOD101_PARAMS", None)
+    run(["git", "init", "-q"], root, env)
+    run(["food101", "params", "--profile", "demo", "--write", "params.yaml"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo params"], root, env)
+    first = run(["dvc", "repro"], root, env)
+    return root, env, first
+
+
+def test_dvc_repro_runs_every_stage_of_the_pipeline(dvc_project):
+    root, _, first = dvc_project
+    for stage in ("download", "validate", "preprocess", "confusion", "report"):
+        assert f"Running stage '{stage}'" in first.stdout
+    for model in ("resnet50", "efficientnet_b0", "mobilenet_v3_large"):
+        assert f"Running stage 'train@{model}'" in first.stdout
+        assert f"Running stage 'evaluate@{model}'" in first.stdout
+        assert (root / "artifacts" / "eval" / model / "metrics.json").is_file()
+    assert (root / "reports" / "report.html").is_file()
+    assert (root / "dvc.lock").is_file()
+
+
+def test_second_dvc_repro_runs_nothing(dvc_project):
+    root, env, _ = dvc_project
+    again = run(["dvc", "repro"], root, env)
+    assert "Running stage" not in again.stdout
+    status = run(["dvc", "status"], root, env)
+    assert "up to date" in status.stdout
+
+
+def test_dvc_metrics_show_reads_the_summary(dvc_project):
+    root, env, _ = dvc_project
+    shown = run(["dvc", "metrics", "show", "--json"], root, env)
+    assert "summary.json" in shown.stdout
+    assert "top1" in shown.stdout
