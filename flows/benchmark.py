@@ -29,6 +29,7 @@ from tasks.validate import validate
 
 from food101.config import Config, load_config
 from food101.tracking import finish_run, start_benchmark_run
+from food101.versioning import record_outputs
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +108,9 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         raise AllModelsFailed(f"every model failed: {failures}")
     stage["confusion"](config, models, parent_run_id)
     published = stage["report"](config, models, failures, parent_run_id)
+    dvc = record_outputs(config) if not failures else None
+    if dvc is not None:
+        log.info("DVC: %s", dvc.reason)
     return {
         "profile": config.profile,
         "parent_run_id": parent_run_id,

@@ -1,0 +1,90 @@
+"""Operations: a real MLflow server, a Dask cluster, and DVC after a flow run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.benchmark import benchmark, flow_for
+from tests.conftest import REPO, generated_overrides, make_config
+from tests.test_deployment import free_port, healthy, process, wait_until
+from tests.test_dvc import project_copy, run
+
+pytestmark = pytest.mark.slow
+
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "evaluate.latency_runs": 3,
+        "evaluate.bootstrap_samples": 50}
+
+
+def child_structure(client: MlflowClient, parent_run_id: str) -> set[tuple[str, str | None]]:
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {(r.data.tags["stage"], r.data.tags.get("model")) for r in children}
+
+
+def test_flow_logs_to_a_real_mlflow_server(tmp_path: Path, prefect_harness, monkeypatch):
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--workers", "1", "--host", "127.0.0.1",
+           "--port", str(port), "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+           "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    with process(cmd, env, tmp_path / "mlflow.log") as server:
+        wait_until(lambda: healthy(f"{uri}/health"), 90, "the MLflow server")
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        result = benchmark(profile="demo", overrides=generated_overrides(tmp_path / "out") | FAST,
+                           params_file=str(REPO / "params.yaml"))
+        client = MlflowClient(uri)
+        assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
+        assert len(child_structure(client, result["parent_run_id"])) >= 9
+        assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the local fallback
+        assert any((tmp_path / "server-artifacts").rglob("report.html"))
+    assert server.poll() is not None
+
+
+def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefect_harness):
+    from distributed import LocalCluster
+
+    thread_overrides = generated_overrides(tmp_path / "threads") | FAST
+    by_threads = benchmark(profile="demo", overrides=thread_overrides, params_file=str(REPO / "params.yaml"))
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        dask_overrides = generated_overrides(tmp_path / "dask") | FAST | {
+            "orchestration.task_runner": "dask", "orchestration.dask_address": cluster.scheduler_address}
+        config = make_config(tmp_path / "dask", **{k.replace(".", "__"): v for k, v in dask_overrides.items()
+                                                   if not k.startswith("paths.")})
+        by_dask = flow_for(config)(profile="demo", overrides=dask_overrides, params_file=str(REPO / "params.yaml"))
+    threads_client = MlflowClient(f"sqlite:///{tmp_path / 'threads' / 'mlflow.db'}")
+    dask_client = MlflowClient(f"sqlite:///{tmp_path / 'dask' / 'mlflow.db'}")
+    structure = child_structure(dask_client, by_dask["parent_run_id"])
+    assert structure == child_structure(threads_client, by_threads["parent_run_id"])
+    assert len(structure) >= 9
+
+
+def test_food101_run_with_default_params_leaves_dvc_status_clean(tmp_path: Path):
+    root = project_copy(tmp_path / "project")
+    venv_bin = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
+    env.pop("FOOD101_PARAMS", None)
+    run(["git", "init", "-q"], root, env)
+    fast = [f"{k}={v}" for k, v in FAST.items()]
+    run(["food101", "params", "--profile", "demo", *sum((["--set", s] for s in fast), []),
+         "--write", "params.yaml"], root, env)
+    run(["git", "add", "-A"], root, env)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo params"], root, env)
+    done = run(["food101", "run"], root, env)
+    assert "Report:" in done.stdout
+    status = run(["dvc", "status"], root, env)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout
+    assert (root / "dvc.lock").is_file()
+    with_override = run(["food101", "run", "--set", "report.within_points=2.0"], root, env)
+    assert "Report:" in with_override.stdout
+    lock_before = (root / "dvc.lock").read_text()
+    assert subprocess.run(["git", "status", "--porcelain", "params.yaml"], cwd=root, capture_output=True,
+                          text=True, check=True).stdout == ""
+    assert (root / "dvc.lock").read_text() == lock_before  # a run with overrides does not rewrite dvc.lock
