@@ -153,12 +153,13 @@ def params_cmd(
 def predict(
     photos: Annotated[list[Path], typer.Argument(help="JPEG photos of dishes.")],
     top: Annotated[int, typer.Option("--top", "-k", help="How many dishes to list per photo.")] = 5,
+    profile: ProfileOpt = None,
     params: ParamsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Classify photos with the registered champion model (top dishes with probabilities)."""
+    """Classify photos with the champion model that a benchmark of this profile registered."""
     params_file = _setup(params, verbose)
-    config = _load(params_file, None, None)
+    config = _load(params_file, profile, None)
     from food101.registry import predict as predict_photos
 
     for photo, ranked in zip(photos, predict_photos(config, photos, top_k=top), strict=True):

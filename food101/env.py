@@ -27,6 +27,8 @@ def configure(project_dir: Path) -> None:
         "GIT_PYTHON_REFRESH": "quiet",
         # Stage code logs through `logging`; these loggers show up in Prefect's run logs.
         "PREFECT_LOGGING_EXTRA_LOGGERS": "food101,tasks,flows",
+        # ... and outside a flow run (a stage under `dvc repro`) they stay local, without a warning.
+        "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     }
     for key, value in defaults.items():
         os.environ.setdefault(key, value)

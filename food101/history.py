@@ -1,0 +1,494 @@
+"""History: each benchmark compared with the previous one of its profile, found in MLflow.
+
+A benchmark leaves everything the next one needs on its MLflow parent run, never only on disk
+(the next run overwrites artifacts/ and reports/): `<model>.<metric>` metrics for trends, and
+`benchmark_summary.json` with the metrics plus, per model, which test photos it got right, so the
+next benchmark can run McNemar's exact test on the photos both evaluated.
+
+The flow calls, after evaluation and before the report:
+record_benchmark -> find_previous -> compare -> write_history -> flag_regressions, and raises
+`RegressionDetected` (via `raise_if_regressed`) when `alerts.fail_on_regression` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from food101.config import AlertsConfig, Config
+from food101.errors import Food101Error
+from food101.io import atomic_path, read_json, write_json
+from food101.tracking import Run, experiment_id
+
+log = logging.getLogger(__name__)
+
+SUMMARY_ARTIFACT = "benchmark_summary.json"
+SUMMARY_VERSION = 1
+HISTORY_FILE = "history.json"
+TRENDS_FILE = "trends.png"
+ALPHA = 0.05  # significance level of McNemar's test
+
+# Metrics compared between benchmarks, with the direction that is better.
+HIGHER_IS_BETTER = ("top1", "top5", "macro_precision", "macro_recall", "macro_f1",
+                    "throughput_cpu_ips", "throughput_gpu_ips", "train_images_per_s")
+LOWER_IS_BETTER = ("ece", "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms",
+                   "latency_gpu_p95_ms", "train_time_s")
+COMPARED_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
+# Images per second: a drop beyond alerts.throughput_drop on the same hardware is a regression.
+THROUGHPUT_METRICS = ("train_images_per_s", "throughput_cpu_ips", "throughput_gpu_ips")
+# Speed figures only mean something against the same hardware.
+SPEED_METRICS = THROUGHPUT_METRICS + ("latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms",
+                                      "latency_gpu_p95_ms", "train_time_s")
+# Accuracy metrics with a bootstrap interval in metrics.json and a per-photo correctness vector.
+INTERVAL_METRICS = ("top1", "top5")
+
+
+class RegressionDetected(Food101Error):
+    """This benchmark is significantly worse than the previous one (alerts.fail_on_regression)."""
+
+    def __init__(self, regressions: list[dict[str, Any]], previous_run_id: str | None = None) -> None:
+        self.regressions = regressions
+        since = f" since benchmark {previous_run_id}" if previous_run_id else ""
+        lines = "; ".join(f"{r['model']} {r['metric']}: {r['reason']}" for r in regressions)
+        super().__init__(
+            f"{len(regressions)} regression(s){since}: {lines}. The MLflow parent run is tagged "
+            "regression=true; set alerts.fail_on_regression=false to record regressions without failing."
+        )
+
+
+@dataclass
+class BenchmarkRecord:
+    """What one benchmark left in MLflow: headline metrics and per-photo correctness per model.
+
+    `correct[model]` is a string aligned with `test_paths`: '1' right, '0' wrong, '.' not evaluated.
+    """
+
+    run_id: str
+    date: str  # ISO 8601, UTC
+    profile: str
+    hardware: str
+    metrics: dict[str, dict[str, float]]
+    test_paths: list[str] = field(default_factory=list)
+    correct: dict[str, str] = field(default_factory=dict)
+    correct_top5: dict[str, str] = field(default_factory=dict)
+    git_commit: str = ""
+    config_hash: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": SUMMARY_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> BenchmarkRecord:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def correctness(self, model: str, metric: str = "top1") -> dict[str, bool] | None:
+        """{test path: correct} for one model, or None when the vector was not recorded."""
+        bits = (self.correct if metric == "top1" else self.correct_top5).get(model)
+        if not bits or len(bits) != len(self.test_paths):
+            return None
+        return {path: bit == "1" for path, bit in zip(self.test_paths, bits, strict=True) if bit != "."}
+
+
+# --- recording ---------------------------------------------------------------------------------
+
+
+def hardware_description() -> str:
+    """A stable description of this machine's compute: CPU model and cores, GPU names.
+
+    Two benchmarks are "on the same hardware" when these strings are equal.
+    """
+    import torch
+
+    from food101.environment_info import cpu_model
+
+    gpus = "none"
+
+    if torch.cuda.is_available():
+        gpus = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+    return f"cpu: {cpu_model()} x{os.cpu_count()}; gpu: {gpus}"
+
+
+def correctness_vectors(
+    predictions_by_model: dict[str, pd.DataFrame],
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """Sorted test paths and, per model, top-1 and top-5 correctness strings aligned with them."""
+    paths = sorted({str(p) for frame in predictions_by_model.values() for p in frame["path"]})
+    position = {p: i for i, p in enumerate(paths)}
+    top1: dict[str, str] = {}
+    top5: dict[str, str] = {}
+    for model, frame in predictions_by_model.items():
+        bits1 = ["."] * len(paths)
+        bits5 = ["."] * len(paths)
+        for path, label, correct, top5_labels in zip(
+            frame["path"], frame["label"], frame["correct"], frame["top5_labels"], strict=True
+        ):
+            i = position[str(path)]
+            bits1[i] = "1" if bool(correct) else "0"
+            bits5[i] = "1" if int(label) in {int(v) for v in top5_labels} else "0"
+        top1[model] = "".join(bits1)
+        top5[model] = "".join(bits5)
+    return paths, top1, top5
+
+
+def read_predictions_if_present(config: Config, models: list[str]) -> dict[str, pd.DataFrame]:
+    """predictions.parquet of each model that has one (evaluate's format)."""
+    out = {}
+    for model in models:
+        path = config.paths.eval / model / "predictions.parquet"
+        if path.is_file():
+            out[model] = pd.read_parquet(path, columns=["path", "label", "correct", "top5_labels"])
+        else:
+            log.warning("no %s: %s's correctness is not recorded (comparisons fall back to intervals)",
+                        path, model)
+    return out
+
+
+def record_benchmark(
+    config: Config,
+    parent_run: Run | str,
+    metrics_by_model: dict[str, dict[str, Any]],
+    hardware: str,
+    predictions_by_model: dict[str, pd.DataFrame] | None = None,
+) -> BenchmarkRecord:
+    """Log this benchmark's per-model metrics and correctness to its MLflow parent run.
+
+    `metrics_by_model` is each evaluated model's metrics.json; predictions default to each
+    model's predictions.parquet under config.paths.eval.
+    """
+    run = _as_run(config, parent_run)
+    if predictions_by_model is None:
+        predictions_by_model = read_predictions_if_present(config, list(metrics_by_model))
+    metrics = {model: _numeric(values) for model, values in metrics_by_model.items()}
+    paths, top1, top5 = correctness_vectors(
+        {m: frame for m, frame in predictions_by_model.items() if m in metrics}
+    )
+    info = run.client.get_run(run.run_id)
+    record = BenchmarkRecord(
+        run_id=run.run_id,
+        date=_iso(info.info.start_time),
+        profile=config.profile,
+        hardware=hardware,
+        metrics=metrics,
+        test_paths=paths,
+        correct=top1,
+        correct_top5=top5,
+        git_commit=info.data.tags.get("git_commit", ""),
+        config_hash=info.data.tags.get("config_hash", ""),
+    )
+    run.log_metrics({f"{model}.{name}": value for model, values in metrics.items() for name, value in values.items()})
+    with tempfile.TemporaryDirectory(prefix="food101-summary-") as folder:
+        summary = Path(folder) / SUMMARY_ARTIFACT
+        summary.write_text(json.dumps(record.to_json(), separators=(",", ":")))
+        run.log_artifact(summary)
+    run.set_tags({"hardware": hardware, "benchmark_models": json.dumps(sorted(metrics))})
+    log.info("recorded benchmark %s: %d models, %d test photos", run.run_id, len(metrics), len(paths))
+    return record
+
+
+# --- finding and comparing ---------------------------------------------------------------------
+
+
+def find_previous(config: Config, client: MlflowClient, exclude_run_id: str | None) -> BenchmarkRecord | None:
+    """The most recent FINISHED benchmark of the same profile that recorded metrics, or None."""
+    for run in _benchmark_runs(config, client, max_results=50):
+        if run.info.run_id == exclude_run_id:
+            continue
+        record = load_record(client, run)
+        if record is not None and record.metrics:
+            return record
+    return None
+
+
+def load_record(client: MlflowClient, run: Any) -> BenchmarkRecord | None:
+    """A past benchmark from its summary artifact; from its `<model>.<metric>` metrics without one."""
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if SUMMARY_ARTIFACT in artifacts:
+        with tempfile.TemporaryDirectory(prefix="food101-summary-") as folder:
+            local = client.download_artifacts(run.info.run_id, SUMMARY_ARTIFACT, folder)
+            return BenchmarkRecord.from_json(read_json(Path(local)))
+    metrics = _metrics_from_run(run)
+    if not metrics:
+        return None
+    tags = run.data.tags
+    return BenchmarkRecord(
+        run_id=run.info.run_id, date=_iso(run.info.start_time), profile=tags.get("profile", ""),
+        hardware=tags.get("hardware", ""), metrics=metrics, git_commit=tags.get("git_commit", ""),
+        config_hash=tags.get("config_hash", ""),
+    )
+
+
+def compare(
+    current: BenchmarkRecord, previous: BenchmarkRecord | None, thresholds: AlertsConfig
+) -> dict[str, Any]:
+    """Deltas per model and metric, their significance, and the regressions among them."""
+    result: dict[str, Any] = {
+        "current": {"run_id": current.run_id, "date": current.date, "hardware": current.hardware},
+        "previous": None,
+        "same_hardware": None,
+        "deltas": [],
+        "regressions": [],
+    }
+    if previous is None:
+        return result
+    same_hardware = bool(current.hardware) and current.hardware == previous.hardware
+    result["previous"] = {
+        "run_id": previous.run_id, "date": previous.date, "hardware": previous.hardware,
+        "git_commit": previous.git_commit, "metrics": previous.metrics,
+    }
+    result["same_hardware"] = same_hardware
+    for model in [m for m in current.metrics if m in previous.metrics]:
+        now, before = current.metrics[model], previous.metrics[model]
+        for metric in COMPARED_METRICS:
+            if metric not in now or metric not in before:
+                continue
+            delta = _delta(model, metric, current, previous, same_hardware, thresholds.throughput_drop)
+            result["deltas"].append(delta)
+            reason = _regression_reason(delta, same_hardware, thresholds.throughput_drop, current.hardware)
+            if reason:
+                result["regressions"].append({"model": model, "metric": metric, "reason": reason,
+                                              "message": f"{model} {metric}: {reason}"})
+    return result
+
+
+def mcnemar_exact(before: dict[str, bool], after: dict[str, bool]) -> tuple[float, int, int, int]:
+    """McNemar's exact test on the photos both evaluated: (p, lost, gained, shared photos)."""
+    from scipy.stats import binomtest
+
+    shared = before.keys() & after.keys()
+    lost = sum(1 for p in shared if before[p] and not after[p])
+    gained = sum(1 for p in shared if after[p] and not before[p])
+    discordant = lost + gained
+    p_value = 1.0 if discordant == 0 else float(binomtest(gained, discordant, 0.5).pvalue)
+    return p_value, lost, gained, len(shared)
+
+
+def _delta(
+    model: str, metric: str, current: BenchmarkRecord, previous: BenchmarkRecord,
+    same_hardware: bool, throughput_drop: float,
+) -> dict[str, Any]:
+    now, before = current.metrics[model][metric], previous.metrics[model][metric]
+    delta = now - before
+    entry: dict[str, Any] = {
+        "model": model, "metric": metric, "previous": before, "current": now, "delta": delta,
+        "relative": (delta / before) if before else None,
+        "higher_is_better": metric in HIGHER_IS_BETTER,
+        "significant": False, "test": "none (point estimate)",
+    }
+    if metric in INTERVAL_METRICS:
+        entry.update(_accuracy_significance(model, metric, current, previous))
+    elif metric in SPEED_METRICS:
+        if same_hardware:
+            relative = abs(entry["relative"] or 0.0)
+            entry["significant"] = relative > throughput_drop
+            entry["test"] = f"same hardware, change beyond {throughput_drop:.0%}"
+        else:
+            entry["test"] = "different hardware: not comparable"
+    return entry
+
+
+def _accuracy_significance(
+    model: str, metric: str, current: BenchmarkRecord, previous: BenchmarkRecord
+) -> dict[str, Any]:
+    after, before = current.correctness(model, metric), previous.correctness(model, metric)
+    if after is not None and before is not None and (after.keys() & before.keys()):
+        p_value, lost, gained, shared = mcnemar_exact(before, after)
+        return {
+            "significant": p_value < ALPHA,
+            "test": f"mcnemar p={p_value:.3g} ({lost} photos lost, {gained} gained of {shared} shared)",
+            "p_value": p_value,
+        }
+    now, old = current.metrics[model], previous.metrics[model]
+    bounds = (f"{metric}_ci_low", f"{metric}_ci_high")
+    if all(b in now and b in old for b in bounds):
+        overlap = now[bounds[0]] <= old[bounds[1]] and old[bounds[0]] <= now[bounds[1]]
+        return {"significant": not overlap, "test": "interval overlap"}
+    return {"significant": False, "test": "none (no interval recorded)"}
+
+
+def _regression_reason(delta: dict[str, Any], same_hardware: bool, throughput_drop: float, hardware: str) -> str:
+    metric = delta["metric"]
+    if metric == "top1" and delta["significant"] and delta["delta"] < 0:
+        return (f"top-1 fell from {delta['previous']:.2%} to {delta['current']:.2%} "
+                f"({delta['delta'] * 100:+.2f} points; {delta['test']})")
+    if metric in THROUGHPUT_METRICS and same_hardware and delta["previous"] > 0:
+        drop = -delta["delta"] / delta["previous"]
+        if drop > throughput_drop:
+            return (f"{metric} fell {drop:.0%} ({delta['previous']:.1f} -> {delta['current']:.1f} images/s) "
+                    f"on the same hardware ({hardware}); the limit is {throughput_drop:.0%}")
+    return ""
+
+
+# --- publishing --------------------------------------------------------------------------------
+
+
+def history_path(config: Config) -> Path:
+    return config.paths.reports / HISTORY_FILE
+
+
+def trends_path(config: Config) -> Path:
+    return config.paths.reports / TRENDS_FILE
+
+
+def write_history(config: Config, comparison: dict[str, Any], trend: pd.DataFrame | None = None) -> Path:
+    """reports/history.json: the comparison (and the trend points when given), for the report."""
+    data = dict(comparison)
+    if trend is not None:
+        frame = trend.copy()
+        frame["date"] = frame["date"].map(lambda d: d.isoformat())
+        data["trend"] = json.loads(frame.to_json(orient="records"))
+    return write_json(history_path(config), data)
+
+
+def read_history(config: Config) -> dict[str, Any] | None:
+    """The comparison written by write_history, or None when this benchmark wrote none."""
+    path = history_path(config)
+    return read_json(path) if path.is_file() else None
+
+
+def flag_regressions(parent_run: Run, comparison: dict[str, Any]) -> list[dict[str, Any]]:
+    """Tag the parent run regression=true|false (and the details) and return the regressions."""
+    regressions = list(comparison.get("regressions", []))
+    tags: dict[str, Any] = {"regression": "true" if regressions else "false"}
+    if comparison.get("previous"):
+        tags["compared_with"] = comparison["previous"]["run_id"]
+    if regressions:
+        details = "; ".join(f"{r['model']} {r['metric']}: {r['reason']}" for r in regressions)
+        tags["regression_details"] = details[:5000]  # MLflow caps tag values
+    parent_run.set_tags(tags)
+    for item in regressions:
+        log.warning("regression: %s %s: %s", item["model"], item["metric"], item["reason"])
+    return regressions
+
+
+def raise_if_regressed(config: Config, comparison: dict[str, Any]) -> None:
+    """Raise RegressionDetected when the comparison has regressions and alerts.fail_on_regression is set."""
+    regressions = comparison.get("regressions", [])
+    if regressions and config.alerts.fail_on_regression:
+        previous = comparison.get("previous") or {}
+        raise RegressionDetected(regressions, previous.get("run_id"))
+
+
+# --- trends ------------------------------------------------------------------------------------
+
+
+def trend_frame(config: Config, client: MlflowClient, include_run_id: str | None = None) -> pd.DataFrame:
+    """One row per (benchmark, model) of the profile, oldest first: date, run_id, model, hardware, metrics.
+
+    Past benchmarks count when FINISHED; `include_run_id` adds the current (still running) one.
+    """
+    runs = [r for r in _benchmark_runs(config, client, max_results=1000) if r.info.run_id != include_run_id]
+    if include_run_id:
+        runs.append(client.get_run(include_run_id))
+    rows = []
+    for run in runs:
+        for model, values in _metrics_from_run(run).items():
+            rows.append({
+                "date": pd.Timestamp(run.info.start_time, unit="ms", tz="UTC"),
+                "run_id": run.info.run_id,
+                "model": model,
+                "hardware": run.data.tags.get("hardware", ""),
+                "git_commit": run.data.tags.get("git_commit", ""),
+                **values,
+            })
+    if not rows:
+        return pd.DataFrame(columns=["date", "run_id", "model", "hardware", "git_commit"])
+    return pd.DataFrame(rows).sort_values(["date", "model"], kind="stable").reset_index(drop=True)
+
+
+def plot_trends(frame: pd.DataFrame, path: Path) -> Path:
+    """Top-1 (with its interval), top-5, inference and training images/s over past benchmarks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("top1", "Top-1 accuracy (%)", 100.0), ("top5", "Top-5 accuracy (%)", 100.0),
+              ("throughput_cpu_ips", "CPU inference (images/s)", 1.0),
+              ("train_images_per_s", "Training (images/s)", 1.0)]
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8), squeeze=False)
+    runs = frame.drop_duplicates("run_id")[["run_id", "date"]] if len(frame) else frame
+    order = {run_id: i for i, run_id in enumerate(runs["run_id"])} if len(frame) else {}
+    labels = [f"{d:%Y-%m-%d %H:%M}\n{r[:7]}" for r, d in zip(runs["run_id"], runs["date"], strict=True)] \
+        if len(frame) else []
+    for ax, (metric, title, scale) in zip(axes.flat, panels, strict=True):
+        ax.set_title(title, fontsize=12)
+        ax.grid(alpha=0.3)
+        if metric not in frame.columns or frame[metric].isna().all():
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes, color="grey")
+            continue
+        for model, rows in frame.dropna(subset=[metric]).groupby("model", sort=True):
+            x = [order[r] for r in rows["run_id"]]
+            y = rows[metric] * scale
+            low, high = f"{metric}_ci_low", f"{metric}_ci_high"
+            if low in rows and high in rows and rows[[low, high]].notna().all().all():
+                err = [(rows[metric] - rows[low]) * scale, (rows[high] - rows[metric]) * scale]
+                ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=model)
+            else:
+                ax.plot(x, y, marker="o", label=model)
+        ax.set_xticks(range(len(labels)), labels, fontsize=8, rotation=30, ha="right")
+        ax.legend(fontsize=9)
+    n_runs = len(labels)
+    fig.suptitle(f"Benchmarks over time ({n_runs} run{'s' if n_runs != 1 else ''})", fontsize=14)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path
+
+
+# --- internals ---------------------------------------------------------------------------------
+
+
+def _as_run(config: Config, run: Run | str) -> Run:
+    if isinstance(run, Run):
+        return run
+    from food101.tracking import client_for
+
+    return Run(client_for(config), run)
+
+
+def _benchmark_runs(config: Config, client: MlflowClient, max_results: int) -> list[Any]:
+    """FINISHED parent runs of this profile, newest first."""
+    return list(client.search_runs(
+        [experiment_id(config, client)],
+        filter_string=(f"tags.kind = 'benchmark' and tags.profile = '{config.profile}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"],
+        max_results=max_results,
+    ))
+
+
+def _metrics_from_run(run: Any) -> dict[str, dict[str, float]]:
+    """{model: {metric: value}} from a parent run's `<model>.<metric>` metrics."""
+    models = json.loads(run.data.tags.get("benchmark_models", "null") or "null")
+    out: dict[str, dict[str, float]] = {}
+    for key, value in run.data.metrics.items():
+        model, dot, metric = key.partition(".")
+        if dot and (models is None or model in models):
+            out.setdefault(model, {})[metric] = value
+    return out
+
+
+def _numeric(values: dict[str, Any]) -> dict[str, float]:
+    return {
+        k: float(v) for k, v in values.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
+
+
+def _iso(millis: int | None) -> str:
+    if millis is None:
+        return ""
+    return datetime.fromtimestamp(millis / 1000, tz=UTC).isoformat(timespec="seconds")
