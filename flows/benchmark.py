@@ -19,17 +19,18 @@ from prefect import flow
 from prefect.futures import as_completed
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
+
+from food101 import history, registry
+from food101.config import Config, load_config
+from food101.tracking import Run, client_for, finish_run, start_benchmark_run
+from food101.versioning import record_outputs
 from tasks.confusion import confusion
 from tasks.download import download
-from tasks.evaluate import evaluate
+from tasks.evaluate import evaluate, read_metrics
 from tasks.preprocess import preprocess
 from tasks.report import report
 from tasks.train import train
 from tasks.validate import validate
-
-from food101.config import Config, load_config
-from food101.tracking import finish_run, start_benchmark_run
-from food101.versioning import record_outputs
 
 log = logging.getLogger(__name__)
 
@@ -107,10 +108,14 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         stage["report"](config, [], failures, parent_run_id)
         raise AllModelsFailed(f"every model failed: {failures}")
     stage["confusion"](config, models, parent_run_id)
-    published = stage["report"](config, models, failures, parent_run_id)
+    comparison = compare_with_previous(config, parent_run_id, models)
+    published = stage["report"](config, models, failures, parent_run_id)  # renders the comparison too
+    registered = registry.register_models(config, parent_run_id, models, published["recommended"])
     dvc = record_outputs(config) if not failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
+    # Last, so that a regression still leaves a complete report, registry and DVC record behind.
+    history.raise_if_regressed(config, comparison)
     return {
         "profile": config.profile,
         "parent_run_id": parent_run_id,
@@ -118,7 +123,26 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         "failures": failures,
         "data": data,
         "report": published,
+        "registry": registered,
+        "comparison": {"previous": comparison["previous"], "regressions": comparison["regressions"]},
     }
+
+
+def compare_with_previous(config: Config, parent_run_id: str, models: list[str]) -> dict[str, Any]:
+    """Record this benchmark on its MLflow run and compare it with the previous one of the profile."""
+    parent = Run(client_for(config), parent_run_id)
+    record = history.record_benchmark(
+        config, parent, {m: read_metrics(config, m) for m in models}, history.hardware_description()
+    )
+    previous = history.find_previous(config, parent.client, exclude_run_id=parent_run_id)
+    comparison = history.compare(record, previous, config.alerts)
+    trend = history.trend_frame(config, parent.client, include_run_id=parent_run_id)
+    history.plot_trends(trend, history.trends_path(config))
+    history.write_history(config, comparison, trend)
+    regressions = history.flag_regressions(parent, comparison)
+    for regression in regressions:
+        log.warning("regression: %s", regression.get("message") or regression["reason"])
+    return comparison
 
 
 def _state_error(state: Any) -> str:
