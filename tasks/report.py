@@ -1,0 +1,1406 @@
+"""report: the benchmark's answer, which model to deploy and why, with every number behind it.
+
+Reads what the other stages wrote (metrics, per-class results, histories, confusion analysis,
+data validation), applies the recommendation rules of `params.yaml` (`report:`), and writes
+`report.md`, a self-contained `report.html` (images as data URIs, inline CSS, no scripts),
+`summary.json` (a DVC metric) and `plots/*.png` under `paths.reports`. The same document is
+published to the MLflow parent run and, inside a Prefect run, as Prefect artifacts.
+
+The document is built once as a list of sections of simple blocks (paragraphs, tables,
+figures, ...) and rendered twice, to Markdown and to HTML, so the two never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import logging
+import math
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+from prefect import task
+from prefect.cache_policies import NONE
+
+from food101.config import Config
+from food101.environment_info import collect_environment
+from food101.io import read_json, replace_dir, staging_dir, write_json, write_text
+from food101.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+REPORT_ARTIFACT_KEY = "food101-report"
+SUMMARY_ARTIFACT_KEY = "food101-summary"
+# Hook for "comparison with the previous benchmark": another stage writes this file into
+# paths.reports before the report runs; without it the report says this is the first benchmark.
+HISTORY_FILE = "history.json"
+PLOTS_DIR = "plots"
+DPI = 120
+
+# Headline metrics copied into summary.json and the Prefect table (in this order).
+HEADLINE_KEYS = (
+    "top1", "top1_ci_low", "top1_ci_high", "top5", "macro_f1", "ece",
+    "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
+    "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
+    "train_time_s", "train_images_per_s", "n_test",
+)
+
+
+# --- the document: blocks rendered to Markdown and HTML ----------------------------------------
+
+
+@dataclass
+class Para:
+    text: str  # inline **bold**, `code` and [links](#anchor) only
+
+
+@dataclass
+class Heading:
+    text: str
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    caption: str | None = None
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
+    zoom: bool = False  # large images: click to see them at full size
+
+
+@dataclass
+class Code:
+    text: str
+    summary: str
+    language: str = ""
+
+
+@dataclass
+class Callout:
+    text: str
+    kind: str = "info"  # info | ok | warning | danger
+
+
+@dataclass
+class Row:
+    """Blocks side by side in HTML when there is room (one after the other in Markdown)."""
+
+    blocks: list[Any]
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    blocks: list[Any] = field(default_factory=list)
+
+
+# --- formatting --------------------------------------------------------------------------------
+
+DASH = "—"
+
+
+def _pct(value: float | None, digits: int = 1) -> str:
+    return DASH if value is None else f"{100 * value:.{digits}f}%"
+
+
+def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
+    if value is None:
+        return DASH
+    return f"{value:,.{digits}f}{unit}"
+
+
+def _points(delta: float) -> str:
+    return f"{100 * abs(delta):.1f} point{'s' if round(100 * abs(delta), 1) != 1 else ''}"
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return DASH
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
+
+
+def _ci(metrics: dict[str, Any], key: str = "top1") -> str:
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return _pct(metrics.get(key))
+    return f"{_pct(metrics.get(key))} ({100 * low:.1f}–{100 * high:.1f})"
+
+
+def _ci_text(metrics: dict[str, Any], key: str = "top1") -> str:
+    """'82.0% (95% CI 71.4–92.7%)' for prose."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return _pct(metrics.get(key))
+    return f"{_pct(metrics.get(key))} (95% CI {100 * low:.1f}–{100 * high:.1f}%)"
+
+
+def _plural(count: float, word: str) -> str:
+    return f"{count:g} {word}{'' if count == 1 else 's'}"
+
+
+def _ratio(slow: float, fast: float) -> str:
+    return f"{slow / fast:.1f}×" if fast > 0 else "∞×"
+
+
+# --- recommendations (pure) ------------------------------------------------------------------
+
+
+@dataclass
+class Recommendation:
+    rule: str          # best_accuracy | fastest_within_points | best_under_latency_budget | pareto | deploy
+    title: str
+    model: str | None  # None when no model satisfies the rule
+    reason: str
+    models: list[str] = field(default_factory=list)  # the Pareto set, or the candidates considered
+
+
+@dataclass
+class Recommendations:
+    best_accuracy: Recommendation
+    fastest_within: Recommendation
+    under_budget: Recommendation
+    pareto: Recommendation
+    deploy: Recommendation
+
+    def rules(self) -> list[Recommendation]:
+        return [self.best_accuracy, self.fastest_within, self.under_budget, self.pareto]
+
+
+def normalise_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Accuracy-like metrics as fractions in [0, 1], whatever scale the file used."""
+    out = dict(metrics)
+    for key in ("top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
+                "macro_precision", "macro_recall", "macro_f1"):
+        value = out.get(key)
+        if isinstance(value, (int, float)) and value > 1.0:
+            out[key] = value / 100.0
+    return out
+
+
+def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
+    """Models that no other model beats on both cost (lower is better) and accuracy (higher).
+
+    `points` maps model -> (cost, accuracy). The front is returned from cheapest to dearest.
+    """
+    front = []
+    for name, (cost, acc) in points.items():
+        dominated = any(
+            other != name and c <= cost and a >= acc and (c < cost or a > acc)
+            for other, (c, a) in points.items()
+        )
+        if not dominated:
+            front.append(name)
+    return sorted(front, key=lambda m: (points[m][0], -points[m][1], m))
+
+
+def dominated_by(points: dict[str, tuple[float, float]], name: str) -> str | None:
+    """A model that is both cheaper-or-equal and more-or-equally accurate than `name` (not itself)."""
+    cost, acc = points[name]
+    better = [
+        other for other, (c, a) in points.items()
+        if other != name and c <= cost and a >= acc and (c < cost or a > acc)
+    ]
+    return min(better, key=lambda m: (points[m][0], -points[m][1])) if better else None
+
+
+def find_significance(significance: Iterable[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
+    """The McNemar result for the pair {a, b}, in either order."""
+    for entry in significance:
+        if {entry.get("a"), entry.get("b")} == {a, b}:
+            return entry
+    return None
+
+
+def _significance_text(significance: list[dict[str, Any]], a: str, b: str) -> str:
+    entry = find_significance(significance, a, b)
+    if entry is None:
+        return ""
+    sentence = str(entry.get("sentence") or "").strip()
+    if not sentence and entry.get("p_value") is not None:
+        verdict = "is" if entry["p_value"] < 0.05 else "is not"
+        sentence = (f"The difference between {entry['a']} and {entry['b']} {verdict} statistically significant "
+                    f"(McNemar's exact test: only {entry['a']} right on {entry.get('n_a_only')} photos, only "
+                    f"{entry['b']} on {entry.get('n_b_only')}, p = {entry['p_value']:.3g}).")
+    return sentence
+
+
+def _by_accuracy(metrics: dict[str, dict[str, Any]]) -> list[str]:
+    def key(m: str) -> tuple:
+        lat = metrics[m].get("latency_cpu_p50_ms")
+        return (-(metrics[m].get("top1") or 0.0), lat if lat is not None else math.inf, m)
+
+    return sorted(metrics, key=key)
+
+
+def recommend(
+    metrics: dict[str, dict[str, Any]],
+    latency_budget_ms: float,
+    within_points: float,
+    significance: list[dict[str, Any]] | None = None,
+) -> Recommendations:
+    """Apply the report rules to the evaluated models' metrics (top-1 as fractions).
+
+    - best accuracy: the highest top-1 (ties: the faster one);
+    - fastest within N points: among models with top-1 >= best - N points, the lowest median
+      (p50) batch-1 CPU latency;
+    - best under the latency budget: among models whose p95 batch-1 CPU latency is within the
+      budget (a deployment promise is about the slow requests, so the tail counts), the highest top-1;
+    - the Pareto set of top-1 against median CPU latency;
+    - deploy: the best under the budget; when no model meets it, the fastest within N points;
+      without latency measurements, the most accurate.
+    """
+    significance = significance or []
+    if not metrics:
+        empty = Recommendation("none", "No model", None, "No model was evaluated, so there is nothing to recommend.")
+        return Recommendations(empty, empty, empty, empty, empty)
+    ranked = _by_accuracy(metrics)
+    best = ranked[0]
+    best_m = metrics[best]
+    p50 = {m: metrics[m].get("latency_cpu_p50_ms") for m in metrics}
+    p95 = {m: metrics[m].get("latency_cpu_p95_ms") for m in metrics}
+
+    # Best accuracy, with how sure we are about the ranking of the top two.
+    n_test = best_m.get("n_test")
+    on = f" on {int(n_test):,} test photos" if n_test else ""
+    reason = f"**{best}** has the highest top-1 accuracy: {_ci_text(best_m)}{on}."
+    if len(ranked) > 1:
+        second = ranked[1]
+        gap = best_m["top1"] - metrics[second]["top1"]
+        reason += f" The runner-up, **{second}**, scores {_pct(metrics[second]['top1'])}, {_points(gap)} lower."
+        sentence = _significance_text(significance, best, second)
+        if sentence:
+            reason += f" {sentence}"
+        elif None not in (best_m.get("top1_ci_low"), metrics[second].get("top1_ci_high")):
+            overlap = best_m["top1_ci_low"] <= metrics[second]["top1_ci_high"]
+            reason += (" Their confidence intervals overlap, so this test set alone does not settle which is better."
+                       if overlap else " Their confidence intervals do not overlap.")
+    else:
+        reason += " It is the only model evaluated."
+    best_rec = Recommendation("best_accuracy", "Best accuracy", best, reason, ranked)
+
+    # Fastest within N points of the best.
+    threshold = best_m["top1"] - within_points / 100.0
+    near = [m for m in ranked if metrics[m]["top1"] >= threshold - 1e-12]
+    timed = [m for m in near if p50[m] is not None]
+    if not timed:
+        fastest_rec = Recommendation(
+            "fastest_within_points", f"Fastest within {_plural(within_points, 'point')} of the best", None,
+            "No CPU latency was measured for the models near the best, so speed cannot be compared.", near)
+    else:
+        fastest = min(timed, key=lambda m: (p50[m], -metrics[m]["top1"], m))
+        lead = (f"Models within {_plural(within_points, 'top-1 point')} of the best "
+                f"(top-1 ≥ {_pct(threshold)}, `report.within_points`): {', '.join(near)}.")
+        if fastest == best:
+            reason = (f"{lead} **{best}** is itself the fastest of these ({_num(p50[best], 1, ' ms')} median "
+                      "batch-1 CPU latency), so no accuracy needs to be traded for speed.")
+        else:
+            reason = (f"{lead} The fastest of them is **{fastest}**: {_num(p50[fastest], 1, ' ms')} median "
+                      f"batch-1 CPU latency")
+            if p50[best] is not None:
+                reason += f", {_ratio(p50[best], p50[fastest])} faster than {best} ({_num(p50[best], 1, ' ms')})"
+            reason += f", for {_points(best_m['top1'] - metrics[fastest]['top1'])} less top-1 " \
+                      f"({_pct(metrics[fastest]['top1'])})."
+            sentence = _significance_text(significance, best, fastest)
+            if sentence:
+                reason += f" {sentence}"
+        fastest_rec = Recommendation("fastest_within_points",
+                                     f"Fastest within {_plural(within_points, 'point')} of the best",
+                                     fastest, reason, near)
+
+    # Best under the latency budget (p95).
+    budget_title = f"Best under the {latency_budget_ms:g} ms CPU latency budget"
+    timed95 = [m for m in ranked if p95[m] is not None]
+    fits = [m for m in ranked if p95[m] is not None and p95[m] <= latency_budget_ms]
+    lead = (f"Budget: {latency_budget_ms:g} ms batch-1 CPU latency at the 95th percentile "
+            "(`report.latency_budget_ms`).")
+    if not timed95:
+        budget_rec = Recommendation("best_under_latency_budget", budget_title, None,
+                                    f"{lead} No CPU latency was measured, so the budget cannot be checked.", [])
+    elif not fits:
+        quickest = min(timed95, key=lambda m: p95[m])
+        budget_rec = Recommendation(
+            "best_under_latency_budget", budget_title, None,
+            f"{lead} **No model meets it.** The quickest, {quickest}, needs {_num(p95[quickest], 1, ' ms')} "
+            f"p95 ({_ratio(p95[quickest], latency_budget_ms)} the budget). A smaller model, a lower input "
+            "resolution or a GPU would be needed.", [])
+    else:
+        chosen = fits[0]  # ranked by accuracy
+        listed = ", ".join(f"{m} ({_num(p95[m], 1, ' ms')})" for m in fits)
+        reason = (f"{lead} Models within it: {listed}. The most accurate of them is **{chosen}** with "
+                  f"{_ci_text(metrics[chosen])} top-1.")
+        if chosen != best:
+            reason += f" That is {_points(best_m['top1'] - metrics[chosen]['top1'])} below {best}"
+            reason += (f", which needs {_num(p95[best], 1, ' ms')} p95 "
+                       f"({_ratio(p95[best], latency_budget_ms)} the budget)." if p95[best] is not None else ".")
+            # What a slightly bigger budget would buy: the next more accurate model, cheapest first.
+            better = [m for m in timed95 if metrics[m]["top1"] > metrics[chosen]["top1"]]
+            if better:
+                nxt = min(better, key=lambda m: (p95[m], -metrics[m]["top1"]))
+                reason += (f" If the budget could stretch to {_num(p95[nxt], 0, ' ms')}, {nxt} would add "
+                           f"{_points(metrics[nxt]['top1'] - metrics[chosen]['top1'])}.")
+            sentence = _significance_text(significance, best, chosen)
+            if sentence:
+                reason += f" {sentence}"
+        else:
+            reason += " It is also the most accurate model overall."
+        budget_rec = Recommendation("best_under_latency_budget", budget_title, chosen, reason, fits)
+
+    # Pareto set on accuracy vs median CPU latency.
+    points = {m: (p50[m], metrics[m]["top1"]) for m in metrics if p50[m] is not None}
+    if not points:
+        pareto_rec = Recommendation("pareto", "Pareto set (accuracy vs latency)", None,
+                                    "No CPU latency was measured, so there is no accuracy/latency trade-off to show.")
+    else:
+        front = pareto_front(points)
+        listed = ", ".join(f"{m} ({_num(points[m][0], 1, ' ms')}, {_pct(points[m][1])})" for m in front)
+        reason = (f"No other model is both faster (median batch-1 CPU latency) and more accurate than these: "
+                  f"{listed}. Each one is the right choice for some latency budget; moving along the set trades "
+                  "speed for accuracy.")
+        beaten = [m for m in points if m not in front]
+        if beaten:
+            reason += " Dominated: " + "; ".join(
+                f"{m} is slower and less accurate than {dominated_by(points, m)}" for m in beaten) + "."
+        else:
+            reason += " No model is dominated."
+        pareto_rec = Recommendation("pareto", "Pareto set (accuracy vs latency)", front[0], reason, front)
+
+    # The one answer for the executive summary.
+    if budget_rec.model is not None:
+        deploy = Recommendation("deploy", "Deploy", budget_rec.model,
+                                f"the most accurate model that meets the {latency_budget_ms:g} ms p95 CPU "
+                                "latency budget", [budget_rec.model])
+    elif fastest_rec.model is not None:
+        deploy = Recommendation("deploy", "Deploy", fastest_rec.model,
+                                f"no model meets the {latency_budget_ms:g} ms latency budget, so the fastest model "
+                                f"within {within_points:g} top-1 points of the best", [fastest_rec.model])
+    else:
+        deploy = Recommendation("deploy", "Deploy", best, "the most accurate model (no CPU latency was measured)",
+                                [best])
+    return Recommendations(best_rec, fastest_rec, budget_rec, pareto_rec, deploy)
+
+
+# --- inputs: the files the other stages wrote -------------------------------------------------
+
+
+@dataclass
+class Inputs:
+    models: list[str]                              # the models the benchmark asked for
+    metrics: dict[str, dict[str, Any]]             # evaluated models only
+    train: dict[str, dict[str, Any]]
+    history: dict[str, pd.DataFrame]
+    per_class: dict[str, pd.DataFrame]
+    failures: dict[str, str]
+    classes: dict[str, Any] | None
+    validation: dict[str, Any] | None
+    manifest: pd.DataFrame | None
+    pairs: dict[str, pd.DataFrame]
+    shared_pairs: pd.DataFrame | None
+    groups: dict[str, Any] | None
+    group_rule: str | None
+    significance: list[dict[str, Any]]
+    previous: dict[str, Any] | None
+
+    def display(self, name: str) -> str:
+        """A class's display name ('Apple pie') from classes.json, else the folder name."""
+        if self.classes and name in self.classes.get("names", []):
+            names, shown = self.classes["names"], self.classes.get("display") or []
+            index = names.index(name)
+            if index < len(shown):
+                return shown[index]
+        return str(name)
+
+
+def _json_or_none(path: Path) -> Any:
+    return read_json(path) if path.is_file() else None
+
+
+def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> Inputs:
+    """Read every upstream output that exists, through the writers' readers; optional ones may be missing."""
+    # The writers' modules own the formats; imported here so that `import tasks.report` stays light.
+    from tasks.confusion import read_confusion
+    from tasks.evaluate import eval_dir, read_metrics, read_per_class
+    from tasks.train import model_dir, read_history, read_train_summary
+    from tasks.validate import read_classes, read_validation
+
+    paths = config.paths
+    failed = dict(failures)
+    metrics, train, history, per_class = {}, {}, {}, {}
+    for model in models:
+        if (model_dir(config, model) / "train.json").is_file():
+            summary = train[model] = read_train_summary(config, model)
+            if summary.get("status") == "failed" and model not in failed:
+                failed[model] = str(summary.get("error") or "training failed (train.json status 'failed')")
+        if (model_dir(config, model) / "history.csv").is_file():
+            history[model] = read_history(config, model)
+        if model in failed:
+            continue  # files from an earlier run would be stale: do not report them as this run's
+        if not (eval_dir(config, model) / "metrics.json").is_file():
+            failed[model] = f"not evaluated: {eval_dir(config, model) / 'metrics.json'} does not exist"
+            continue
+        metrics[model] = normalise_metrics(read_metrics(config, model))
+        if (eval_dir(config, model) / "per_class.csv").is_file():
+            per_class[model] = read_per_class(config, model)
+
+    confusion = read_confusion(config) if (paths.confusion / "summary.json").is_file() else {}
+    manifest_file = paths.manifest / "manifest.parquet"
+    return Inputs(
+        models=list(models),
+        metrics=metrics,
+        train=train,
+        history=history,
+        per_class=per_class,
+        failures=failed,
+        classes=read_classes(config) if (paths.manifest / "classes.json").is_file() else None,
+        validation=read_validation(config) if (paths.manifest / "validation.json").is_file() else None,
+        # Only the columns the report counts; read directly since read_manifest refuses a failed validation.
+        manifest=pd.read_parquet(manifest_file, columns=["class", "split", "status"])
+        if manifest_file.is_file() else None,
+        pairs={m: frame for m, frame in confusion.get("pairs", {}).items() if m in metrics},
+        shared_pairs=confusion.get("shared_pairs"),
+        groups=confusion.get("groups"),
+        group_rule=(confusion.get("summary") or {}).get("group_rule"),
+        significance=[e for e in confusion.get("significance", []) if {e.get("a"), e.get("b")} <= set(metrics)],
+        previous=_json_or_none(paths.reports / HISTORY_FILE),
+    )
+
+
+# --- plots (matplotlib's object API: thread-safe, no pyplot state) --------------------------------
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure as MplFigure
+
+    fig = MplFigure(figsize=(width, height), dpi=DPI, layout="constrained")
+    return fig
+
+
+def _colours(models: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10"]
+    return {m: palette(i % 10) for i, m in enumerate(models)}
+
+
+def plot_accuracy_vs_cost(
+    metrics: dict[str, dict[str, Any]],
+    cost: dict[str, float],
+    xlabel: str,
+    title: str,
+    colours: dict[str, Any],
+    cost_high: dict[str, float] | None = None,
+    budget: float | None = None,
+):
+    """Top-1 (with its CI) against a cost per model, the Pareto front drawn as a staircase."""
+    fig = _figure(7.5, 4.6)
+    ax = fig.add_subplot()
+    points = {m: (cost[m], metrics[m]["top1"]) for m in cost}
+    front = pareto_front(points)
+    for m, (x, y) in points.items():
+        low, high = metrics[m].get("top1_ci_low"), metrics[m].get("top1_ci_high")
+        yerr = [[100 * (y - low)], [100 * (high - y)]] if low is not None and high is not None else None
+        xerr = [[0], [cost_high[m] - x]] if cost_high and cost_high.get(m) is not None else None
+        ax.errorbar(x, 100 * y, yerr=yerr, xerr=xerr, fmt="o", ms=9 if m in front else 7, capsize=4,
+                    color=colours[m], markeredgecolor="black" if m in front else colours[m],
+                    label=m + (" (Pareto)" if m in front and len(front) < len(points) else ""), zorder=3)
+        ax.annotate(m, (x, 100 * y), textcoords="offset points", xytext=(8, 6), fontsize=9)
+    if len(front) > 1:
+        xs, ys = [], []
+        for m in front:
+            x, y = points[m]
+            if xs:
+                xs.append(x)
+                ys.append(ys[-1])
+            xs.append(x)
+            ys.append(100 * y)
+        ax.plot(xs, ys, "--", color="0.35", lw=1.2, label="Pareto front", zorder=2)
+    if budget is not None:
+        ax.axvline(budget, color="#c0392b", ls=":", lw=1.5, label=f"latency budget {budget:g} ms (p95)")
+    values = list(cost.values()) + ([budget] if budget is not None else [])
+    if min(values) > 0 and max(values) / min(values) > 8:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("top-1 accuracy on the test set (%)")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.margins(x=0.15, y=0.15)
+    ax.legend(fontsize=8, loc="best")
+    return fig
+
+
+def plot_learning_curves(history: dict[str, pd.DataFrame], train: dict[str, dict], colours: dict[str, Any]):
+    """Loss and top-1 per epoch, train dashed and validation solid, every model on the same axes."""
+    fig = _figure(11, 4.2)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    for model, frame in history.items():
+        colour = colours.get(model, "black")
+        for column, ax, scale in (("loss", loss_ax, 1.0), ("top1", acc_ax, 100.0)):
+            for split, style in (("train", "--"), ("val", "-")):
+                key = f"{split}_{column}"
+                if key in frame:
+                    values = frame[key].astype(float)
+                    if column == "top1" and values.max() > 1.0:
+                        values = values / 100.0
+                    ax.plot(frame["epoch"], values * scale, style, color=colour, lw=1.8, marker=".",
+                            label=f"{model} {split}")
+        best_epoch = train.get(model, {}).get("best_epoch")
+        if best_epoch is not None and "val_top1" in frame:
+            row = frame[frame["epoch"] == best_epoch]
+            if len(row):
+                value = float(row["val_top1"].iloc[0])
+                acc_ax.plot(best_epoch, 100 * (value / 100 if value > 1 else value), "*", ms=13,
+                            color=colour, markeredgecolor="black", zorder=4)
+    from matplotlib.lines import Line2D
+
+    loss_ax.legend(handles=[Line2D([], [], color="0.2", ls="--", label="train"),
+                            Line2D([], [], color="0.2", ls="-", label="validation")], fontsize=8, loc="upper right")
+    loss_ax.set_title("Loss per epoch")
+    loss_ax.set_ylabel("cross-entropy loss")
+    acc_ax.set_title("Top-1 accuracy per epoch (★ = best validation epoch)")
+    acc_ax.set_ylabel("top-1 accuracy (%)")
+    for ax in (loss_ax, acc_ax):
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    acc_ax.legend(fontsize=8, loc="lower right", ncols=2 if len(history) > 2 else 1)
+    return fig
+
+
+def _save(fig: Any, path: Path) -> Path:
+    fig.savefig(path, dpi=DPI, facecolor="white")
+    return path
+
+
+# --- the document ------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    title: str
+    subtitle: str
+    sections: list[Section]
+    summary: dict[str, Any]
+    table_rows: list[dict[str, Any]]  # the summary table as records (Prefect table artifact)
+
+
+def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[dict[str, Any]]]:
+    headers = ["model", "top-1 % (95% CI)", "top-5 %", "macro-F1", "ECE", "training time", "train img/s",
+               "CPU latency ms p50 / p95", "GPU latency ms p50 / p95", "params (M)", "size MB", "GFLOPs"]
+    rows, records = [], []
+    for model in _by_accuracy(inputs.metrics):
+        m = inputs.metrics[model]
+        t = inputs.train.get(model, {})
+        train_time = m.get("train_time_s", t.get("train_time_s"))
+        train_ips = m.get("train_images_per_s", t.get("images_per_s"))
+        params = m.get("params", t.get("params"))
+        name = f"**{model}** (deploy)" if model == recs.deploy.model else model
+        rows.append([
+            name, _ci(m).replace("%", ""), _num(_scaled(m.get("top5")), 1), _num(m.get("macro_f1"), 3),
+            _num(m.get("ece"), 3), _duration(train_time), _num(train_ips, 0),
+            _pair(m.get("latency_cpu_p50_ms"), m.get("latency_cpu_p95_ms"), 1),
+            _pair(m.get("latency_gpu_p50_ms"), m.get("latency_gpu_p95_ms"), 2),
+            _num(params / 1e6 if params else None, 1), _num(m.get("size_mb"), 1), _num(m.get("gflops"), 2),
+        ])
+        records.append({"model": model, "status": "ok", **{k: m.get(k) for k in HEADLINE_KEYS}})
+    for model, error in inputs.failures.items():
+        rows.append([f"**{model}** FAILED"] + [DASH] * (len(headers) - 1))
+        records.append({"model": model, "status": "failed", "error": error})
+    return Table(headers, rows), records
+
+
+def _pair(first: float | None, second: float | None, digits: int) -> str:
+    if first is None and second is None:
+        return DASH
+    return f"{_num(first, digits)} / {_num(second, digits)}"
+
+
+def _scaled(value: float | None) -> float | None:
+    return None if value is None else 100 * value
+
+
+GLOSSARY = [
+    "**top-1 / top-5**: share of test photos whose correct class is the model's first guess / among its "
+    "five first guesses. The 95% confidence interval comes from bootstrapping the test set.",
+    "**macro-F1**: the F1 score averaged over classes with equal weight (a model cannot hide a bad class).",
+    "**ECE** (expected calibration error): how far the model's confidence is from its actual accuracy; "
+    "0 is perfectly calibrated.",
+    "**p50 / p95 latency**: median and 95th-percentile time to classify one photo (batch of 1), after warm-up.",
+    "**Pareto set**: models that no other model beats on accuracy and speed at the same time.",
+]
+
+
+def build_report(
+    config: Config,
+    inputs: Inputs,
+    recs: Recommendations,
+    environment: dict[str, Any],
+    plots: dict[str, Path],
+    generated_at: dt.datetime,
+) -> Report:
+    """Every section of the report, as blocks; `plots` maps a figure key to its file."""
+    metrics = inputs.metrics
+    data_hash = (inputs.validation or {}).get("data_hash")
+    n_classes = len((inputs.classes or {}).get("names", [])) or None
+    regressions = list((inputs.previous or {}).get("regressions") or [])
+
+    table, records = _summary_table(inputs, recs)
+    sections = [
+        _executive_summary(config, inputs, recs, n_classes, regressions),
+        _recommendations_section(recs),
+        Section("summary-table", "Summary table", [
+            Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
+                 f"{DASH} means not measured (no GPU, or the stage did not record it)."),
+            table,
+            Bullets(GLOSSARY),
+        ]),
+        _tradeoffs_section(inputs, plots),
+        _learning_section(inputs, plots),
+        _classes_section(inputs),
+        _confusion_section(inputs, plots),
+        _history_section(inputs),
+        _validation_section(inputs),
+        _failures_section(inputs),
+        _environment_section(config, inputs, environment, data_hash),
+    ]
+    subtitle = (f"Profile `{config.profile}` · {len(metrics)} of {len(inputs.models)} models evaluated · "
+                f"{n_classes or '?'} classes · generated {generated_at:%Y-%m-%d %H:%M} UTC · "
+                f"commit `{str(environment.get('git_commit', 'unknown'))[:12]}`")
+    summary = {
+        "title": config.report.title,
+        "profile": config.profile,
+        "generated_at": generated_at.isoformat(),
+        "git_commit": environment.get("git_commit"),
+        "data_hash": data_hash,
+        "recommended": recs.deploy.model,
+        "recommended_because": recs.deploy.reason,
+        "recommendations": {
+            "best_accuracy": recs.best_accuracy.model,
+            "fastest_within_points": recs.fastest_within.model,
+            "best_under_latency_budget": recs.under_budget.model,
+            "pareto": recs.pareto.models,
+        },
+        "latency_budget_ms": config.report.latency_budget_ms,
+        "within_points": config.report.within_points,
+        "models": {r["model"]: {k: v for k, v in r.items() if k != "model"} for r in records if r["status"] == "ok"},
+        "failed": dict(inputs.failures),
+        "regressions": len(regressions),
+    }
+    return Report(config.report.title, subtitle, sections, summary, records)
+
+
+def _executive_summary(config: Config, inputs: Inputs, recs: Recommendations, n_classes: int | None,
+                       regressions: list[Any]) -> Section:
+    blocks: list[Any] = []
+    if regressions:
+        blocks.append(Callout(f"**Regression since the last benchmark** ({len(regressions)} finding"
+                              f"{'s' if len(regressions) != 1 else ''}): see [Since the last benchmark]"
+                              "(#since-the-last-benchmark).", "danger"))
+    if inputs.failures:
+        blocks.append(Callout(f"**{len(inputs.failures)} model{'s' if len(inputs.failures) != 1 else ''} failed**: "
+                              f"{', '.join(inputs.failures)}. The others are reported; see [Failures](#failures).",
+                              "warning"))
+    metrics = inputs.metrics
+    chosen = recs.deploy.model
+    if chosen is None:
+        blocks.append(Para("**No model finished evaluation, so there is no recommendation.** See "
+                           "[Failures](#failures) for what went wrong."))
+        return Section("executive-summary", "Executive summary", blocks)
+    m = metrics[chosen]
+    best = recs.best_accuracy.model
+    n_test = m.get("n_test")
+    text = f"**Deploy {chosen}.** It is {recs.deploy.reason}: {_ci_text(m)} top-1 accuracy"
+    text += f" on {int(n_test):,} test photos" if n_test else ""
+    text += f" of {n_classes} food classes" if n_classes else ""
+    if m.get("latency_cpu_p50_ms") is not None:
+        text += (f", answering in {_num(m['latency_cpu_p50_ms'], 1, ' ms')} (median; p95 "
+                 f"{_num(m.get('latency_cpu_p95_ms'), 1, ' ms')}) per photo on the CPU")
+    text += "."
+    if best != chosen:
+        b = metrics[best]
+        text += (f" The most accurate model, {best}, reaches {_pct(b['top1'])} ({_points(b['top1'] - m['top1'])} "
+                 f"more)")
+        if b.get("latency_cpu_p50_ms") and m.get("latency_cpu_p50_ms"):
+            text += f" but is {_ratio(b['latency_cpu_p50_ms'], m['latency_cpu_p50_ms'])} slower"
+        text += "."
+        sentence = _significance_text(inputs.significance, best, chosen)
+        if sentence:
+            text += f" {sentence}"
+    elif len(metrics) > 1:
+        second = _by_accuracy(metrics)[1]
+        sentence = _significance_text(inputs.significance, chosen, second)
+        text += f" It is also the most accurate model; {second} follows at {_pct(metrics[second]['top1'])}."
+        if sentence:
+            text += f" {sentence}"
+    worst = _worst_classes(inputs, chosen, 3)
+    if worst:
+        text += f" Its weakest classes are {', '.join(worst)}."
+    if n_test and n_test < 1000:
+        text += (f" With only {int(n_test):,} test photos the intervals are wide: treat differences of a few "
+                 "points as noise.")
+    blocks.append(Para(text))
+    return Section("executive-summary", "Executive summary", blocks)
+
+
+def _worst_classes(inputs: Inputs, model: str, k: int) -> list[str]:
+    table = inputs.per_class.get(model)
+    if table is None or "accuracy" not in table:
+        return []
+    rows = table.sort_values(["accuracy", "class"]).head(k)
+    return [f"{_class_label(inputs, r)} ({_pct(_frac(r['accuracy']), 0)})" for _, r in rows.iterrows()]
+
+
+def _frac(value: float) -> float:
+    return value / 100.0 if value > 1.0 else value
+
+
+def _class_label(inputs: Inputs, row: pd.Series) -> str:
+    display = row.get("display")
+    return str(display) if isinstance(display, str) and display else inputs.display(str(row["class"]))
+
+
+def _recommendations_section(recs: Recommendations) -> Section:
+    blocks: list[Any] = [Para(f"**Recommended for deployment: {recs.deploy.model or 'none'}** — "
+                              f"{recs.deploy.reason}. The rules and their thresholds come from `params.yaml` "
+                              "(`report:`); each is worked out below.")]
+    for rec in recs.rules():
+        label = rec.model if rec.rule != "pareto" else ", ".join(rec.models)
+        blocks.append(Heading(f"{rec.title}: {label or 'none'}"))
+        blocks.append(Para(rec.reason))
+    return Section("recommendations", "Recommendations", blocks)
+
+
+def _tradeoffs_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
+    blocks: list[Any] = []
+    if "accuracy_vs_latency" in plots:
+        blocks.append(Figure(plots["accuracy_vs_latency"],
+                             "Top-1 accuracy against median batch-1 CPU latency. Vertical bars: 95% CI of top-1; "
+                             "horizontal whiskers reach the p95 latency; dashed staircase: the Pareto front; "
+                             "dotted red line: the latency budget (applies to p95)."))
+    else:
+        blocks.append(Para("No CPU latency was measured, so accuracy against latency cannot be plotted."))
+    if "accuracy_vs_training_time" in plots:
+        blocks.append(Figure(plots["accuracy_vs_training_time"],
+                             "Top-1 accuracy against training time (wall clock, minutes); dashed: Pareto front."))
+    calibration = [k for k in plots if k.startswith("reliability_")]
+    if calibration:
+        blocks.append(Heading("Calibration"))
+        blocks.append(Para("Reliability diagrams: a calibrated model's confidence matches its accuracy "
+                           "(bars on the diagonal). ECE summarises the gap."))
+        blocks.append(Row([
+            Figure(plots[key], f"{key.removeprefix('reliability_')}: reliability diagram (ECE "
+                   f"{_num(inputs.metrics[key.removeprefix('reliability_')].get('ece'), 3)}).")
+            for key in calibration]))
+    return Section("accuracy-vs-cost", "Accuracy vs cost", blocks)
+
+
+def _learning_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
+    if "learning_curves" not in plots:
+        return Section("learning-curves", "Learning curves", [Para("No training history (history.csv) was found.")])
+    rows = []
+    for model, frame in inputs.history.items():
+        t = inputs.train.get(model, {})
+        label = f"{model} (failed)" if model in inputs.failures else model
+        rows.append([label, str(t.get("epochs_run", len(frame))), str(t.get("best_epoch", DASH)),
+                     _pct(_frac(t["best_val_top1"])) if t.get("best_val_top1") is not None else DASH,
+                     str(t.get("device", DASH)), str(t.get("pretrained", DASH))])
+    return Section("learning-curves", "Learning curves", [
+        Para("Loss and top-1 accuracy per epoch on the training data (dashed) and the validation split "
+             "carved from it (solid). A widening gap means over-fitting; curves still rising mean more epochs "
+             "would help."),
+        Figure(plots["learning_curves"], "Learning curves of every model."),
+        Table(["model", "epochs run", "best epoch", "best val top-1", "device", "pretrained"], rows),
+    ])
+
+
+def _classes_section(inputs: Inputs) -> Section:
+    blocks: list[Any] = []
+    worst_sets = []
+    for model in _by_accuracy(inputs.metrics):
+        table = inputs.per_class.get(model)
+        if table is None or "accuracy" not in table:
+            continue
+        k = min(5, max(1, len(table) // 2))
+        ordered = table.sort_values(["accuracy", "class"], ascending=[False, True])
+        best_rows = list(ordered.head(k).iterrows())
+        worst_rows = list(ordered.iloc[::-1].head(k).iterrows())
+        worst_sets.append({str(r["class"]) for _, r in worst_rows})
+        rows = []
+        for (_, b), (_, w) in zip(best_rows, worst_rows, strict=True):
+            rows.append([_class_label(inputs, b), _pct(_frac(b["accuracy"]), 0), _f1(b),
+                         _class_label(inputs, w), _pct(_frac(w["accuracy"]), 0), _f1(w)])
+        blocks.append(Heading(model))
+        blocks.append(Table(["best class", "accuracy", "F1", "worst class", "accuracy", "F1"], rows))
+    if not blocks:
+        return Section("best-and-worst-classes", "Best and worst classes",
+                       [Para("No per-class results (per_class.csv) were found.")])
+    hard = set.intersection(*worst_sets) if len(worst_sets) > 1 else set()
+    lead = "Per-class accuracy on the test set, from each model's per_class.csv."
+    if hard:
+        lead += (" Hard for every model: " + ", ".join(sorted(inputs.display(c) for c in hard))
+                 + " (in every model's worst list): likely a data problem or genuinely ambiguous dishes.")
+    return Section("best-and-worst-classes", "Best and worst classes", [Para(lead), *blocks])
+
+
+def _f1(row: pd.Series) -> str:
+    return _num(float(row["f1"]), 2) if "f1" in row and pd.notna(row["f1"]) else DASH
+
+
+def _pair_rows(inputs: Inputs, frame: pd.DataFrame, limit: int) -> list[list[str]]:
+    rows = []
+    for _, r in frame.head(limit).iterrows():
+        rate = r.get("rate")
+        rows.append([inputs.display(str(r["true"])), inputs.display(str(r["predicted"])),
+                     str(int(r["count"])) if "count" in r and pd.notna(r["count"]) else DASH,
+                     _pct(_frac(float(rate))) if rate is not None and pd.notna(rate) else DASH])
+    return rows
+
+
+def _confusion_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
+    blocks: list[Any] = [Para(
+        "The confusion matrices are row-normalised (each row is a true class; a dark cell off "
+        "the diagonal is a frequent mistake) and ordered so that classes confused with each other sit together. "
+        "Click a large image to see it at full size.")]
+    for model in _by_accuracy(inputs.metrics):
+        blocks.append(Heading(model))
+        row = []
+        if f"matrix_{model}" in plots:
+            row.append(Figure(plots[f"matrix_{model}"], f"{model}: normalised confusion matrix.", zoom=True))
+        if model in inputs.pairs:
+            row.append(Table(["true class", "predicted as", "count", "rate"],
+                             _pair_rows(inputs, inputs.pairs[model], 10),
+                             caption=f"{model}: most confused pairs (rate = share of the true class's test "
+                                     "photos predicted as the other class)"))
+        if row:
+            blocks.append(Row(row))
+        if f"examples_{model}" in plots:
+            blocks.append(Figure(plots[f"examples_{model}"], f"{model}: misclassified test photos from the top "
+                                 "confused pairs.", zoom=True))
+        if len(blocks) and isinstance(blocks[-1], Heading):
+            blocks.append(Para("The confusion stage's outputs for this model were not found."))
+    blocks.append(Heading("Mistakes every model makes"))
+    if inputs.shared_pairs is not None and len(inputs.shared_pairs):
+        frame = inputs.shared_pairs
+        cols = ["true", "predicted"]
+        rows = [[inputs.display(str(r["true"])), inputs.display(str(r["predicted"]))] for _, r in frame.iterrows()]
+        blocks.append(Para("Pairs in the most-confused list of every model: more data or better labels for these "
+                           "classes would help all models."))
+        blocks.append(Table(["true class", "predicted as"], rows) if set(cols) <= set(frame.columns)
+                      else Para("shared_pairs.csv has no true/predicted columns."))
+    else:
+        blocks.append(Para("No confused pair is shared by all models."))
+    groups = (inputs.groups or {}).get("combined") or []
+    blocks.append(Heading("Groups of similar foods"))
+    if groups:
+        rule = f" ({inputs.group_rule})" if inputs.group_rule else ""
+        blocks.append(Para("Classes the models confuse with each other, from clustering the symmetrised "
+                           f"confusion of all models{rule}:"))
+        blocks.append(Bullets([", ".join(inputs.display(str(c)) for c in group) for group in groups]))
+    else:
+        blocks.append(Para("No groups of similar foods were found at the configured threshold."))
+    if "dendrogram" in plots:
+        blocks.append(Figure(plots["dendrogram"], "Dendrogram of the classes by mutual confusion.", zoom=True))
+    blocks.append(Heading("Are the differences real?"))
+    if inputs.significance:
+        blocks.append(Para("McNemar's exact test on the same test photos, for every pair of models:"))
+        blocks.append(Bullets([_significance_text([e], e["a"], e["b"]) for e in inputs.significance]))
+    else:
+        blocks.append(Para("No significance tests were found (significance.json)."))
+    return Section("where-the-models-fail", "Where the models fail", blocks)
+
+
+def _history_section(inputs: Inputs) -> Section:
+    history = inputs.previous
+    title, anchor = "Since the last benchmark", "since-the-last-benchmark"
+    if not history or not history.get("previous"):
+        return Section(anchor, title, [Para(
+            "This is the first benchmark of this profile: there is no earlier run to compare with. "
+            f"(The comparison reads `{HISTORY_FILE}` next to this report when it exists.)")])
+    previous = history["previous"]
+    blocks: list[Any] = [Para(f"Compared with the previous benchmark: run `{previous.get('run_id', '?')}` of "
+                              f"{previous.get('date', '?')}.")]
+    regressions = history.get("regressions") or []
+    if regressions:
+        blocks.append(Callout(f"**{len(regressions)} regression{'s' if len(regressions) != 1 else ''}** since "
+                              "the last benchmark:", "danger"))
+        blocks.append(Bullets([_describe(r) for r in regressions]))
+    else:
+        blocks.append(Callout("No regression since the last benchmark.", "ok"))
+    deltas = history.get("deltas") or []
+    if deltas and all(isinstance(d, dict) for d in deltas):
+        columns: list[str] = []
+        for d in deltas:
+            columns += [k for k in d if k not in columns]
+        blocks.append(Table(columns, [[_cell(d.get(c)) for c in columns] for d in deltas]))
+    else:
+        blocks.append(_computed_deltas(inputs.metrics, previous.get("metrics") or {}))
+    return Section(anchor, title, blocks)
+
+
+def _computed_deltas(current: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]]) -> Table:
+    rows = []
+    for model in current:
+        for key in ("top1", "top5", "latency_cpu_p50_ms", "train_images_per_s"):
+            before, now = (previous.get(model) or {}).get(key), current[model].get(key)
+            if before is None or now is None:
+                continue
+            rows.append([model, key, _cell(before), _cell(now), f"{now - before:+.4g}"])
+    return Table(["model", "metric", "previous", "now", "change"], rows)
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, dict):
+        message = item.get("message") or item.get("text")
+        if message:
+            return str(message)
+        return ", ".join(f"{k}: {_cell(v)}" for k, v in item.items())
+    return str(item)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return DASH
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _validation_section(inputs: Inputs) -> Section:
+    anchor, title = "data-validation", "Data validation"
+    v = inputs.validation
+    if v is None:
+        return Section(anchor, title, [Para("No validation results (validation.json) were found.")])
+    quarantined = v.get("quarantined") or []
+    expectations = v.get("expectations") or []
+    passed = sum(1 for e in expectations if e.get("success"))
+    n_classes = len((inputs.classes or {}).get("names", []))
+    verdict = "**Passed.**" if v.get("success") else "**Failed.**"
+    if v.get("success") and passed < len(expectations):
+        verdict = "**Passed** (the failed expectations below are tolerable ones, handled by quarantine)."
+    text = (f"{verdict} {int(v.get('images', 0)):,} images checked "
+            f"across {n_classes} classes; {len(quarantined)} quarantined (left out of training and testing); "
+            f"{passed} of {len(expectations)} expectations passed. Data hash: `{v.get('data_hash', DASH)}`.")
+    blocks: list[Any] = [Para(text)]
+    if inputs.manifest is not None and len(inputs.manifest):
+        counts = inputs.manifest[inputs.manifest["status"] != "quarantined"].groupby("split")["class"]
+        per = counts.count()
+        per_class = inputs.manifest[inputs.manifest["status"] != "quarantined"].groupby(["split", "class"]).size()
+        rows = []
+        for split in per.index:
+            sizes = per_class.loc[split]
+            spread = f"{int(sizes.min())}" if sizes.min() == sizes.max() else f"{int(sizes.min())}–{int(sizes.max())}"
+            rows.append([str(split), f"{int(per[split]):,}", spread])
+        blocks.append(Table(["split", "images used", "images per class"], rows))
+    if quarantined:
+        shown = quarantined[:50]
+        blocks.append(Table(["quarantined file", "reason"], [[str(q.get("path")), str(q.get("reason"))]
+                                                              for q in shown]))
+        if len(quarantined) > len(shown):
+            blocks.append(Para(f"… and {len(quarantined) - len(shown)} more (see validation.json)."))
+    if expectations:
+        rows = []
+        for e in expectations:
+            details = e.get("details")
+            text = details if isinstance(details, str) else json.dumps(details, default=str) if details else ""
+            rows.append([str(e.get("expectation")), "✓ passed" if e.get("success") else "✗ failed",
+                         text[:160] + ("…" if len(text) > 160 else "")])
+        blocks.append(Table(["expectation", "result", "details"], rows))
+    return Section(anchor, title, blocks)
+
+
+def _failures_section(inputs: Inputs) -> Section:
+    if not inputs.failures:
+        return Section("failures", "Failures", [Para("Every model trained and evaluated successfully.")])
+    rows = [[f"**{m}**", inputs.train.get(m, {}).get("status", DASH), " ".join(str(e).split())[:400]]
+            for m, e in inputs.failures.items()]
+    return Section("failures", "Failures", [
+        Callout("These models are missing from every comparison above; fix the cause and rerun their stages "
+                "(`food101 stage train --model M`, then `evaluate`).", "warning"),
+        Table(["model", "train.json status", "error"], rows),
+    ])
+
+
+def _environment_section(config: Config, inputs: Inputs, env: dict[str, Any], data_hash: str | None) -> Section:
+    gpu = env.get("gpu") or {}
+    gpus = ", ".join(f"{d['name']} ({d['memory_gb']} GB)" for d in gpu.get("devices", [])) or "none (no CUDA)"
+    rows = [
+        ["CPU", f"{env.get('cpu')} — {env.get('cpu_cores_physical')} cores / {env.get('cpu_cores_logical')} threads"],
+        ["RAM", f"{env.get('ram_gb')} GB"],
+        ["GPU", gpus + (f", CUDA {gpu.get('cuda_version')}" if gpu.get("cuda_available") else "")],
+        ["OS", str(env.get("os"))],
+        ["Python", str(env.get("python"))],
+        *[[name, str(version or "not installed")] for name, version in (env.get("packages") or {}).items()],
+        ["git commit", f"`{env.get('git_commit')}`"],
+        ["data hash (DVC / validation)", f"`{data_hash or DASH}`"],
+        ["profile", f"`{config.profile}`"],
+        ["config hash", f"`{config.digest()}`"],
+    ]
+    devices = [f"{m}: {t.get('device')}" for m, t in inputs.train.items() if t.get("device")]
+    if devices:
+        rows.append(["training device", "; ".join(devices)])
+    return Section("environment", "Environment", [
+        Para("The machine that wrote this report (latency and throughput were measured by the evaluate stage, "
+             "normally on the same machine)."),
+        Table(["", ""], rows),
+        Code(yaml.safe_dump(config.to_dict(), sort_keys=False), "Effective parameters (params.yaml + profile + "
+             "overrides)", "yaml"),
+    ])
+
+
+# --- rendering --------------------------------------------------------------------------------
+
+
+def _md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def render_markdown(report: Report, base: Path, embed_images: bool = True) -> str:
+    """The report as GitHub-flavoured Markdown; images linked relative to `base` (or left out)."""
+    out = [f"# {report.title}", "", report.subtitle, "", "## Contents", ""]
+    out += [f"- [{s.title}](#{s.id})" for s in report.sections] + [""]
+    for section in report.sections:
+        out += [f'<a id="{section.id}"></a>', "", f"## {section.title}", ""]
+        for block in section.blocks:
+            out += _md_block(block, base, embed_images) + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _md_block(block: Any, base: Path, embed_images: bool) -> list[str]:
+    if isinstance(block, Para):
+        return [block.text]
+    if isinstance(block, Heading):
+        return [f"### {block.text}"]
+    if isinstance(block, Bullets):
+        return [f"- {item}" for item in block.items]
+    if isinstance(block, Callout):
+        label = {"danger": "Warning", "warning": "Note", "ok": "OK", "info": "Info"}[block.kind]
+        return [f"> **{label}:** {block.text}"]
+    if isinstance(block, Table):
+        lines = [f"*{block.caption}*", ""] if block.caption else []
+        lines.append("| " + " | ".join(_md_cell(h) for h in block.headers) + " |")
+        lines.append("|" + "|".join("---" for _ in block.headers) + "|")
+        lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in block.rows]
+        return lines
+    if isinstance(block, Row):
+        lines: list[str] = []
+        for inner in block.blocks:
+            lines += _md_block(inner, base, embed_images) + [""]
+        return lines[:-1]
+    if isinstance(block, Figure):
+        if not embed_images:
+            return [f"*Figure: {block.caption} (see report.html)*"]
+        relative = Path(block.path).resolve().relative_to(base.resolve()).as_posix()
+        alt = block.caption.split(". ")[0].rstrip(".")
+        return [f"![{alt}]({relative})", "", f"*{block.caption}*"]
+    if isinstance(block, Code):
+        return [f"<details><summary>{html.escape(block.summary)}</summary>", "", f"```{block.language}",
+                block.text.rstrip(), "```", "", "</details>"]
+    raise TypeError(f"unknown block {type(block).__name__}")
+
+
+def _inline(text: str) -> str:
+    out = html.escape(text, quote=False)
+    out = re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+    out = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"\[([^\]]+)\]\(#([\w-]+)\)", r'<a href="#\2">\1</a>', out)
+    return out
+
+
+_NUMERIC = re.compile(r"^[\s+\-−]?[\d.,]+")
+
+
+def _data_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def render_html(report: Report) -> str:
+    """The report as one self-contained HTML page: inline CSS, images as data URIs, no scripts."""
+    counter = iter(range(1_000_000))
+    body = []
+    for section in report.sections:
+        body.append(f'<section id="{section.id}"><h2>{html.escape(section.title)}</h2>')
+        body += [_html_block(block, counter) for block in section.blocks]
+        body.append("</section>")
+    toc = "".join(f'<li><a href="#{s.id}">{html.escape(s.title)}</a></li>' for s in report.sections)
+    return f"""<!DOCTYPE html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(report.title)}</title>
+<style>{_CSS}</style>
+</head>
+<body>
+<header><h1>{html.escape(report.title)}</h1><p class="subtitle">{_inline(report.subtitle)}</p></header>
+<nav class="toc" aria-label="Contents"><h2>Contents</h2><ol>{toc}</ol></nav>
+<main>
+{chr(10).join(body)}
+</main>
+<footer>Generated by the food101-benchmark report stage. Every number above comes from the files of the
+evaluate, train, confusion and validate stages of this run.</footer>
+</body>
+</html>
+"""
+
+
+def _html_block(block: Any, counter: Iterable[int]) -> str:
+    if isinstance(block, Para):
+        return f"<p>{_inline(block.text)}</p>"
+    if isinstance(block, Heading):
+        return f"<h3>{_inline(block.text)}</h3>"
+    if isinstance(block, Bullets):
+        return "<ul>" + "".join(f"<li>{_inline(i)}</li>" for i in block.items) + "</ul>"
+    if isinstance(block, Callout):
+        return f'<div class="callout {block.kind}">{_inline(block.text)}</div>'
+    if isinstance(block, Row):
+        return '<div class="row">' + "".join(_html_block(b, counter) for b in block.blocks) + "</div>"
+    if isinstance(block, Table):
+        numeric = [
+            i > 0 and bool(block.rows) and all(_NUMERIC.match(r[i]) or r[i] == DASH for r in block.rows)
+            for i in range(len(block.headers))
+        ]
+        head = "".join(f'<th{" class=num" if numeric[i] else ""}>{_inline(h)}</th>'
+                       for i, h in enumerate(block.headers))
+        rows = "".join(
+            "<tr>" + "".join(f'<td{" class=num" if numeric[i] else ""}>{_inline(c)}</td>' for i, c in enumerate(r))
+            + "</tr>" for r in block.rows)
+        caption = f"<caption>{_inline(block.caption)}</caption>" if block.caption else ""
+        headless = all(not h for h in block.headers)
+        thead = "" if headless else f"<thead><tr>{head}</tr></thead>"
+        return f'<div class="table-wrap"><table>{caption}{thead}<tbody>{rows}</tbody></table></div>'
+    if isinstance(block, Figure):
+        img = f'<img src="{_data_uri(block.path)}" alt="{html.escape(block.caption)}">'
+        if block.zoom:
+            ident = f"zoom-{next(counter)}"
+            img = (f'<input type="checkbox" id="{ident}" class="zoom-toggle">'
+                   f'<label for="{ident}" class="zoomable" title="click to zoom">{img}</label>')
+        return f"<figure>{img}<figcaption>{_inline(block.caption)}</figcaption></figure>"
+    if isinstance(block, Code):
+        return (f"<details><summary>{html.escape(block.summary)}</summary>"
+                f"<pre><code>{html.escape(block.text)}</code></pre></details>")
+    raise TypeError(f"unknown block {type(block).__name__}")
+
+
+_CSS = """
+:root { --ink:#1f2933; --muted:#52606d; --line:#d9e2ec; --bg:#ffffff; --soft:#f5f7fa; --accent:#1f5f9e; }
+* { box-sizing: border-box; }
+body { margin: 0 auto; max-width: 1200px; padding: 24px 32px 64px; color: var(--ink); background: var(--bg);
+  font: 16px/1.6 -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, "Noto Sans", "DejaVu Sans",
+  sans-serif; }
+header { border-bottom: 3px solid var(--accent); margin-bottom: 16px; }
+h1 { font-size: 2rem; margin: 0.2em 0 0.1em; line-height: 1.25; }
+h2 { font-size: 1.45rem; margin: 1.8em 0 0.5em; padding-bottom: 0.2em; border-bottom: 1px solid var(--line); }
+h3 { font-size: 1.12rem; margin: 1.4em 0 0.4em; }
+.subtitle { color: var(--muted); margin: 0 0 12px; font-size: 0.95rem; }
+a { color: var(--accent); }
+code { font: 0.88em/1.4 "DejaVu Sans Mono", Menlo, Consolas, monospace; background: var(--soft);
+  padding: 0.1em 0.3em; border-radius: 3px; word-break: break-all; }
+pre { background: var(--soft); padding: 12px 16px; border-radius: 6px; overflow: auto; max-height: 480px; }
+pre code { background: none; padding: 0; word-break: normal; }
+nav.toc { background: var(--soft); border: 1px solid var(--line); border-radius: 8px; padding: 8px 24px;
+  margin: 16px 0 8px; }
+nav.toc h2 { border: 0; margin: 0.4em 0 0.2em; font-size: 1.05rem; }
+nav.toc ol { columns: 2; margin: 0; padding-left: 1.4em; }
+#executive-summary p { font-size: 1.08rem; }
+.callout { border-left: 5px solid; border-radius: 4px; padding: 10px 14px; margin: 12px 0; }
+.callout.info { border-color: #2f80ed; background: #eef5fe; }
+.callout.ok { border-color: #27ae60; background: #edf8f1; }
+.callout.warning { border-color: #f2994a; background: #fff5eb; }
+.callout.danger { border-color: #c0392b; background: #fdecea; }
+.table-wrap { overflow-x: auto; margin: 12px 0; }
+table { border-collapse: collapse; font-size: 0.9rem; min-width: 50%; }
+caption { caption-side: top; text-align: left; color: var(--muted); font-style: italic; padding-bottom: 4px; }
+th, td { border-bottom: 1px solid var(--line); padding: 6px 10px; text-align: left; vertical-align: top; }
+th { background: var(--soft); font-weight: 600; vertical-align: bottom; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
+.row { display: flex; flex-wrap: wrap; gap: 8px 28px; align-items: flex-start; justify-content: center; }
+.row > figure { flex: 1 1 300px; max-width: 100%; }
+.row > .table-wrap { flex: 0 1 auto; }
+tbody tr:nth-child(even) { background: #fafbfc; }
+figure { margin: 16px 0; text-align: center; }
+figure img { max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { color: var(--muted); font-size: 0.9rem; margin-top: 4px; }
+.zoom-toggle { display: none; }
+.zoomable { cursor: zoom-in; display: block; overflow: auto; }
+.zoom-toggle:checked + .zoomable { cursor: zoom-out; }
+.zoom-toggle:checked + .zoomable img { max-width: none; }
+details { margin: 12px 0; }
+summary { cursor: pointer; color: var(--accent); font-weight: 600; }
+footer { margin-top: 48px; color: var(--muted); font-size: 0.85rem; border-top: 1px solid var(--line);
+  padding-top: 8px; }
+@media print { nav.toc { display: none; } .zoomable { overflow: visible; } }
+"""
+
+
+# --- writing and publishing ------------------------------------------------------------------
+
+
+def _make_plots(config: Config, inputs: Inputs, folder: Path) -> dict[str, Path]:
+    """Draw the report's own plots and copy the upstream figures into `folder`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    metrics = inputs.metrics
+    colours = _colours(inputs.models)
+    plots: dict[str, Path] = {}
+    latency = {m: v["latency_cpu_p50_ms"] for m, v in metrics.items() if v.get("latency_cpu_p50_ms") is not None}
+    if latency:
+        p95 = {m: metrics[m].get("latency_cpu_p95_ms") for m in latency}
+        fig = plot_accuracy_vs_cost(metrics, latency, "median batch-1 CPU latency (ms per photo)",
+                                    "Accuracy vs CPU latency", colours, cost_high=p95,
+                                    budget=config.report.latency_budget_ms)
+        plots["accuracy_vs_latency"] = _save(fig, folder / "accuracy_vs_latency.png")
+    train_time = {}
+    for m, v in metrics.items():
+        seconds = v.get("train_time_s", inputs.train.get(m, {}).get("train_time_s"))
+        if seconds is not None:
+            train_time[m] = seconds / 60.0
+    if train_time:
+        fig = plot_accuracy_vs_cost(metrics, train_time, "training time (minutes, wall clock)",
+                                    "Accuracy vs training time", colours)
+        plots["accuracy_vs_training_time"] = _save(fig, folder / "accuracy_vs_training_time.png")
+    if inputs.history:
+        fig = plot_learning_curves(inputs.history, inputs.train, colours)
+        plots["learning_curves"] = _save(fig, folder / "learning_curves.png")
+    # Upstream figures, copied so that report.md and the MLflow artifacts stand on their own.
+    upstream = {f"reliability_{m}": config.paths.eval / m / "reliability.png" for m in metrics}
+    for m in metrics:
+        upstream[f"matrix_{m}"] = config.paths.confusion / f"{m}_matrix.png"
+        upstream[f"examples_{m}"] = config.paths.confusion / f"{m}_examples.png"
+    upstream["dendrogram"] = config.paths.confusion / "dendrogram.png"
+    for key, source in upstream.items():
+        if source.is_file():
+            plots[key] = folder / f"{key}.png"
+            shutil.copyfile(source, plots[key])
+    return plots
+
+
+def in_prefect_run() -> bool:
+    """True inside a Prefect flow or task run (artifacts need one); False under `.fn` alone."""
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return TaskRunContext.get() is not None or FlowRunContext.get() is not None
+
+
+def _publish_prefect(report: Report, markdown_text: str) -> None:
+    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+    deploy = report.summary.get("recommended")
+    create_markdown_artifact(markdown=markdown_text, key=REPORT_ARTIFACT_KEY,
+                             description=f"{report.title}: deploy {deploy}")
+    create_table_artifact(table=report.table_rows, key=SUMMARY_ARTIFACT_KEY,
+                          description=f"{report.title}: headline metrics per model")
+
+
+@dataclass
+class Written:
+    """What `write_report_files` produced."""
+
+    document: Report
+    recommendations: Recommendations
+    inputs: Inputs
+    report_md: Path
+    report_html: Path
+    summary: Path
+    plots_dir: Path
+
+
+def write_report_files(config: Config, models: list[str], failures: dict[str, str]) -> Written:
+    """Read the upstream files, decide, and write report.md/html, summary.json and plots/ atomically."""
+    inputs = load_inputs(config, models, failures)
+    if inputs.failures:
+        log.warning("report: %d model(s) failed and are reported as such: %s",
+                    len(inputs.failures), ", ".join(inputs.failures))
+    recs = recommend(inputs.metrics, config.report.latency_budget_ms, config.report.within_points,
+                     inputs.significance)
+    environment = collect_environment(config.project_dir)
+    reports_dir = config.paths.reports
+    reports_dir.mkdir(parents=True, exist_ok=True)
+
+    # Plots are drawn into a staging folder and swapped in whole; the documents follow.
+    staged = staging_dir(reports_dir / PLOTS_DIR)
+    staged_plots = _make_plots(config, inputs, staged)
+    plots_dir = replace_dir(reports_dir / PLOTS_DIR, staged)
+    plots = {key: plots_dir / path.name for key, path in staged_plots.items()}
+
+    generated_at = dt.datetime.now(dt.UTC).replace(microsecond=0, tzinfo=None)
+    document = build_report(config, inputs, recs, environment, plots, generated_at)
+    md_path = write_text(reports_dir / "report.md", render_markdown(document, reports_dir))
+    html_path = write_text(reports_dir / "report.html", render_html(document))
+    summary_path = write_json(reports_dir / "summary.json", document.summary)
+    log.info("report: deploy %s (%s); written to %s", recs.deploy.model, recs.deploy.reason, html_path)
+    return Written(document, recs, inputs, md_path, html_path, summary_path, plots_dir)
+
+
+@task(name="report", cache_policy=NONE)
+def report(
+    config: Config,
+    models: list[str] | None = None,
+    failures: dict[str, str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict:
+    """Write the benchmark report (Markdown, self-contained HTML, summary.json, plots) and publish it."""
+    models = list(models or config.models)
+    params = {"report": config.raw.get("report", {}), "models": models}
+    with stage_run(config, "report", parent_run_id, params=params) as run:
+        written = write_report_files(config, models, failures or {})
+        chosen = written.recommendations.deploy.model
+        run.set_tags({"recommended": chosen or "none"})
+        run.log_metrics({
+            "models_evaluated": len(written.inputs.metrics),
+            "models_failed": len(written.inputs.failures),
+            **({"recommended_top1": written.inputs.metrics[chosen]["top1"]} if chosen else {}),
+        })
+        documents = (written.report_md, written.report_html, written.summary)
+        for path in documents:
+            run.log_artifact(path)
+        run.log_artifacts(written.plots_dir, PLOTS_DIR)
+        if parent_run_id:
+            for path in documents:
+                run.client.log_artifact(parent_run_id, str(path), "report")
+        if in_prefect_run():
+            text = render_markdown(written.document, config.paths.reports, embed_images=False)
+            _publish_prefect(written.document, text)
+        else:
+            log.debug("report: not inside a Prefect run, so no Prefect artifacts were created")
+        return {
+            "report_md": str(written.report_md),
+            "report_html": str(written.report_html),
+            "summary": str(written.summary),
+            "recommended": chosen,
+        }
+
+
+def read_summary(config: Config) -> dict[str, Any]:
+    """The report's summary.json: headline metrics per model and the recommendation."""
+    path = config.paths.reports / "summary.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist; run the report stage first (food101 stage report)")
+    return read_json(path)
+
+
+__all__ = [
+    "Recommendation", "Recommendations", "load_inputs", "pareto_front", "recommend", "read_summary",
+    "render_html", "render_markdown", "report", "build_report", "in_prefect_run", "write_report_files",
+]
