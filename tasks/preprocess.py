@@ -1,0 +1,460 @@
+"""Preprocess: the validated photos decoded once into memory-mapped uint8 arrays, one per split.
+
+Each photo is decoded with JPEG draft mode (the decoder scales by 1/2, 1/4 or 1/8 in the DCT, so
+a 512 px photo bound for 72 px never decodes at full size), converted to RGB, its shorter side
+resized and centre-cropped in one `resize(box=...)`, and written straight into the split's
+`.npy` memmap by a worker process, so memory stays flat whatever the dataset size.
+
+Crash safety: everything is written into a staging folder next to the cache, with a progress
+record of finished chunks that is replaced atomically only after a chunk's rows are flushed. A
+re-run with the same cache key continues the missing chunks (a chunk not in the record is
+rewritten whole, never trusted); the cache appears by rename only when complete. The key hashes
+the manifest rows used and the preprocessing params, so an unchanged input is a no-op and a
+changed param rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import shutil
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from prefect import task
+from prefect.cache_policies import NONE
+from tqdm import tqdm
+
+from food101.config import Config, PreprocessConfig
+from food101.errors import Food101Error
+from food101.io import read_json, replace_dir, write_json, write_npy, write_parquet
+from food101.tracking import stage_run
+
+log = logging.getLogger(__name__)
+
+CACHE_SPLITS = ("train", "val", "test")
+# Bumped when the bytes a given key produces change (decoder, resampling, layout).
+CACHE_FORMAT = 1
+# Rows per unit of work and of crash recovery: large enough to amortise a task round trip and
+# a progress write, small enough that a kill loses seconds of work and that the last chunks
+# do not leave a core idle (at least CHUNKS_PER_WORKER chunks per worker).
+MAX_CHUNK_SIZE = 256
+MIN_CHUNK_SIZE = 16
+CHUNKS_PER_WORKER = 8
+PROGRESS_FILE = "progress.json"
+META_FILE = "meta.json"
+INDEX_FILE = "index.parquet"
+RUN_STAGE_HINT = "run the preprocess stage first: food101 stage preprocess"
+
+
+class CacheNotReadyError(Food101Error):
+    """The cache is missing or was never completed."""
+
+
+class PreprocessError(Food101Error):
+    """A photo that validation let through cannot be decoded, or the manifest is unusable."""
+
+
+# --- pure functions ----------------------------------------------------------------------------
+
+
+def select_rows(manifest: pd.DataFrame) -> pd.DataFrame:
+    """The manifest rows that go into the cache: not quarantined, in a stable order."""
+    needed = {"path", "label", "split", "status"}
+    missing = needed - set(manifest.columns)
+    if missing:
+        raise PreprocessError(f"manifest lacks columns {sorted(missing)}; re-run the validate stage")
+    rows = manifest[manifest["status"] != "quarantined"]
+    bad_split = set(rows["split"]) - {"train", "test"}
+    if bad_split:
+        raise PreprocessError(f"manifest has unknown splits {sorted(bad_split)}; re-run the validate stage")
+    return rows.sort_values("path", kind="stable").reset_index(drop=True)
+
+
+def carve_val(train_rows: pd.DataFrame, val_fraction: float, seed: int) -> pd.Series:
+    """A boolean mask over `train_rows`: round(n * val_fraction) rows of each class go to val.
+
+    Stratified and seeded per class (the draw for one class does not depend on the others), so
+    adding a class does not reshuffle the validation rows of the rest.
+    """
+    is_val = np.zeros(len(train_rows), dtype=bool)
+    labels = train_rows["label"].to_numpy()
+    for label in np.unique(labels):
+        members = np.flatnonzero(labels == label)
+        n_val = int(round(len(members) * val_fraction))
+        if n_val == 0:
+            continue
+        rng = np.random.default_rng([seed, int(label)])
+        is_val[rng.choice(members, size=n_val, replace=False)] = True
+    return pd.Series(is_val, index=train_rows.index)
+
+
+def plan_cache(manifest: pd.DataFrame, val_fraction: float, seed: int) -> pd.DataFrame:
+    """One row per cached image: split (train/val/test), position in that split, path, label."""
+    rows = select_rows(manifest)
+    train = rows[rows["split"] == "train"]
+    is_val = carve_val(train, val_fraction, seed)
+    parts = {"train": train[~is_val], "val": train[is_val], "test": rows[rows["split"] == "test"]}
+    frames = []
+    for split, part in parts.items():
+        part = part.reset_index(drop=True)
+        frame = pd.DataFrame({
+            "split": split,
+            "position": np.arange(len(part), dtype=np.int64),
+            "path": part["path"].astype(str),
+            "label": part["label"].astype(np.int64),
+            "image_id": part["image_id"].astype(str) if "image_id" in part else part["path"].astype(str),
+            "sha256": part["sha256"].astype(str) if "sha256" in part else "",
+        })
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True)
+
+
+def cache_key(plan: pd.DataFrame, params: PreprocessConfig, classes: dict[str, list[str]]) -> str:
+    """sha256 of the rows used (path, sha256, label, source split) and the params that shape the bytes."""
+    digest = hashlib.sha256()
+    header = {
+        "format": CACHE_FORMAT,
+        "resize": params.resize,
+        "crop": params.crop,
+        "val_fraction": params.val_fraction,
+        "seed": params.seed,
+        "classes": list(classes["names"]),
+        "display": list(classes.get("display", [])),
+    }
+    digest.update(json.dumps(header, sort_keys=True).encode())
+    source_split = plan["split"].where(plan["split"] != "val", "train")
+    for path, sha, label, split in zip(plan["path"], plan["sha256"], plan["label"], source_split, strict=True):
+        digest.update(f"{path}\t{sha}\t{label}\t{split}\n".encode())
+    return digest.hexdigest()
+
+
+def load_image(path: Path | str, resize: int, crop: int) -> np.ndarray:
+    """(crop, crop, 3) uint8: RGB, shorter side resized to `resize`, centre crop `crop`.
+
+    Draft mode lets libjpeg decode at 1/2, 1/4 or 1/8 scale (never below `resize`); the resize
+    and the crop are one `resize(box=...)` over the central region only. Greyscale, CMYK,
+    palette and PNG inputs all come out RGB.
+    """
+    with Image.open(path) as image:
+        image.draft("RGB", (resize, resize))
+        image = image.convert("RGB")
+        width, height = image.size
+        side = crop * min(width, height) / resize  # the crop's size in source pixels
+        left, top = (width - side) / 2, (height - side) / 2
+        out = image.resize((crop, crop), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side))
+        return np.asarray(out, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """Rows [start, stop) of one split: the unit of parallel work and of crash recovery."""
+
+    split: str
+    start: int
+    stop: int
+
+    @property
+    def id(self) -> str:
+        return f"{self.split}:{self.start}"
+
+
+def default_chunk_size(total: int, workers: int) -> int:
+    return max(MIN_CHUNK_SIZE, min(MAX_CHUNK_SIZE, math.ceil(total / (max(workers, 1) * CHUNKS_PER_WORKER))))
+
+
+def make_chunks(counts: dict[str, int], chunk_size: int) -> list[Chunk]:
+    return [Chunk(split, start, min(start + chunk_size, n))
+            for split, n in counts.items() for start in range(0, n, chunk_size)]
+
+
+# --- the worker ----------------------------------------------------------------------------------
+
+
+def _fill_chunk(images_path: str, chunk: Chunk, paths: list[str], resize: int, crop: int) -> str:
+    """Decode a chunk's photos into its rows of the split's memmap, flush, and report its id."""
+    images = np.load(images_path, mmap_mode="r+")
+    try:
+        for offset, path in enumerate(paths):
+            try:
+                images[chunk.start + offset] = load_image(path, resize, crop)
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise PreprocessError(
+                    f"cannot decode {path}: {exc}; re-run the validate stage (it quarantines unreadable "
+                    "files) or remove the file"
+                ) from exc
+        images.flush()
+    finally:
+        del images
+    return chunk.id
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    # forkserver: workers fork from a clean single-threaded server, not from a process running
+    # Prefect's and MLflow's threads; preloading this module makes each fork cheap.
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
+
+
+def _run_chunks(
+    chunks: list[Chunk], paths: dict[str, list[str]], images_paths: dict[str, str],
+    resize: int, crop: int, workers: int,
+) -> Iterator[str]:
+    """Yield each chunk's id once its rows are on disk (in completion order)."""
+    def args(chunk: Chunk) -> tuple:
+        return images_paths[chunk.split], chunk, paths[chunk.split][chunk.start:chunk.stop], resize, crop
+
+    if workers <= 1:
+        for chunk in chunks:
+            yield _fill_chunk(*args(chunk))
+        return
+    with _process_pool(workers) as pool:
+        # A bounded window of pending chunks: the parent never holds every task at once.
+        queue = iter(chunks)
+        pending = {pool.submit(_fill_chunk, *args(c)) for c in _take(queue, workers * 4)}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+                pending.update(pool.submit(_fill_chunk, *args(c)) for c in _take(queue, 1))
+
+
+def _take(items: Iterator[Chunk], n: int) -> list[Chunk]:
+    out = []
+    for item in items:
+        out.append(item)
+        if len(out) == n:
+            break
+    return out
+
+
+# --- the cache on disk ---------------------------------------------------------------------------
+
+
+def images_file(split: str) -> str:
+    return f"{split}_images.npy"
+
+
+def labels_file(split: str) -> str:
+    return f"{split}_labels.npy"
+
+
+def staging_path(out_dir: Path) -> Path:
+    """Where an unfinished cache lives (a fixed name, so a re-run finds it and resumes)."""
+    return out_dir.with_name(f".{out_dir.name}.partial")
+
+
+def _is_complete(folder: Path, key: str | None = None) -> bool:
+    meta_path = folder / META_FILE
+    if not meta_path.is_file() or (folder / PROGRESS_FILE).exists():
+        return False
+    meta = read_json(meta_path)
+    if key is not None and meta.get("key") != key:
+        return False
+    return all((folder / name(split)).is_file() for split in CACHE_SPLITS for name in (images_file, labels_file))
+
+
+def _start_staging(staging: Path, plan: pd.DataFrame, key: str, crop: int, chunk_size: int) -> dict[str, Any]:
+    """A fresh staging folder: sized (sparse) image files, labels, index, an empty progress record."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    for split in CACHE_SPLITS:
+        part = plan[plan["split"] == split]
+        shape = (len(part), crop, crop, 3)
+        if len(part):
+            np.lib.format.open_memmap(staging / images_file(split), mode="w+", dtype=np.uint8, shape=shape).flush()
+        else:  # mmap cannot map an empty file region
+            write_npy(staging / images_file(split), np.zeros(shape, dtype=np.uint8))
+        write_npy(staging / labels_file(split), part["label"].to_numpy(dtype=np.int64))
+    write_parquet(staging / INDEX_FILE, plan[["split", "position", "path", "label", "image_id"]])
+    progress = {"key": key, "chunk_size": chunk_size, "done": []}
+    write_json(staging / PROGRESS_FILE, progress)
+    return progress
+
+
+def build_cache(
+    manifest: pd.DataFrame,
+    dataset_root: Path,
+    classes: dict[str, list[str]],
+    params: PreprocessConfig,
+    out_dir: Path,
+    *,
+    chunk_size: int | None = None,
+    workers: int | None = None,
+    progress_bar: bool | None = None,
+) -> dict[str, Any]:
+    """Write (or resume, or keep) the cache for `manifest` under `out_dir`; a summary comes back.
+
+    `classes` is classes.json's content ({"names": [...], "display": [...]}). `workers` defaults
+    to params.worker_count; 1 decodes in this process. `chunk_size` (rows per unit of work)
+    defaults to a size that gives every worker several chunks; a resumed run keeps the size the
+    interrupted one used, whatever is asked.
+    """
+    out_dir, dataset_root = Path(out_dir), Path(dataset_root)
+    plan = plan_cache(manifest, params.val_fraction, params.seed)
+    key = cache_key(plan, params, classes)
+    counts = {split: int((plan["split"] == split).sum()) for split in CACHE_SPLITS}
+    summary: dict[str, Any] = {"cache": str(out_dir), "key": key, "counts": counts, "rebuilt": False,
+                               "images": 0, "seconds": 0.0, "images_per_s": 0.0, "chunks_resumed": 0}
+    if _is_complete(out_dir, key):
+        log.info("preprocess: cache %s is up to date (key %s); nothing to do", out_dir, key[:12])
+        return summary | {"bytes": _folder_bytes(out_dir)}
+
+    staging = staging_path(out_dir)
+    if _is_complete(staging, key):  # killed between the two renames of a previous finish
+        replace_dir(out_dir, staging)
+        return summary | {"rebuilt": True, "bytes": _folder_bytes(out_dir)}
+    record = read_json(staging / PROGRESS_FILE) if (staging / PROGRESS_FILE).is_file() else None
+    workers = params.worker_count if workers is None else workers
+    if record is None or record.get("key") != key:
+        if record is not None:
+            log.info("preprocess: discarding an unfinished cache for another key")
+        chunk_size = chunk_size or default_chunk_size(len(plan), workers)
+        record = _start_staging(staging, plan, key, params.crop, chunk_size)
+    else:
+        log.info("preprocess: resuming an unfinished cache: %d chunks already done", len(record["done"]))
+    chunk_size = int(record["chunk_size"])  # chunk ids mean rows only with the size that wrote them
+
+    chunks = make_chunks(counts, chunk_size)
+    done = set(record["done"])
+    todo = [c for c in chunks if c.id not in done]
+    paths = {split: [str(dataset_root / p) for p in plan.loc[plan["split"] == split, "path"]]
+             for split in CACHE_SPLITS}
+    images_paths = {split: str(staging / images_file(split)) for split in CACHE_SPLITS}
+    sizes = {c.id: c.stop - c.start for c in chunks}
+    n_todo = sum(sizes[c.id] for c in todo)
+    log.info("preprocess: %d images to decode in %d chunks on %d process(es)", n_todo, len(todo), workers)
+
+    start = time.perf_counter()
+    disable_bar = None if progress_bar is None else not progress_bar  # None: on when a terminal
+    with tqdm(total=n_todo, unit="img", desc="preprocess", disable=disable_bar) as bar:
+        for chunk_id in _run_chunks(todo, paths, images_paths, params.resize, params.crop, workers):
+            done.add(chunk_id)
+            # The record names a chunk only after the worker flushed its rows.
+            write_json(staging / PROGRESS_FILE, {"key": key, "chunk_size": chunk_size, "done": sorted(done)})
+            bar.update(sizes[chunk_id])
+    seconds = time.perf_counter() - start
+
+    meta = {"key": key, "classes": list(classes["names"]), "display": list(classes.get("display", [])),
+            "resize": params.resize, "crop": params.crop, "counts": counts,
+            "val_fraction": params.val_fraction, "seed": params.seed, "format": CACHE_FORMAT}
+    write_json(staging / META_FILE, meta)
+    (staging / PROGRESS_FILE).unlink()
+    replace_dir(out_dir, staging)
+    log.info("preprocess: cache written to %s (%s)", out_dir, counts)
+    return summary | {
+        "rebuilt": True, "images": n_todo, "seconds": seconds,
+        "images_per_s": n_todo / seconds if seconds > 0 else 0.0,
+        "chunks_resumed": len(chunks) - len(todo), "bytes": _folder_bytes(out_dir),
+    }
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
+# --- the reader ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cache:
+    """The preprocessed cache: read-only memmapped images, labels, classes and the index."""
+
+    root: Path
+    meta: dict[str, Any]
+    _index: list[pd.DataFrame] = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta["classes"])
+
+    @property
+    def display(self) -> list[str]:
+        return list(self.meta["display"])
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return dict(self.meta["counts"])
+
+    @property
+    def index(self) -> pd.DataFrame:
+        if not self._index:
+            self._index.append(pd.read_parquet(self.root / INDEX_FILE))
+        return self._index[0]
+
+    def images(self, split: str) -> np.ndarray:
+        """(N, crop, crop, 3) uint8, memory-mapped read-only (an empty split is an empty array)."""
+        self._check_split(split)
+        return np.load(self.root / images_file(split), mmap_mode="r" if self.meta["counts"][split] else None)
+
+    def labels(self, split: str) -> np.ndarray:
+        self._check_split(split)
+        return np.load(self.root / labels_file(split))
+
+    def _check_split(self, split: str) -> None:
+        if split not in CACHE_SPLITS:
+            raise ValueError(f"unknown split {split!r}; the cache has {list(CACHE_SPLITS)}")
+
+
+def load_cache(folder: Path) -> Cache:
+    """The cache in `folder`; a clear error when it is missing or unfinished."""
+    folder = Path(folder)
+    if not _is_complete(folder):
+        state = "unfinished" if staging_path(folder).exists() else "missing"
+        raise CacheNotReadyError(f"the preprocessed cache {folder} is {state}; {RUN_STAGE_HINT}")
+    return Cache(folder, read_json(folder / META_FILE))
+
+
+def open_cache(config: Config) -> Cache:
+    """The cache the preprocess stage wrote for this configuration."""
+    cache = load_cache(config.paths.cache)
+    expected = {"resize": config.preprocess.resize, "crop": config.preprocess.crop}
+    found = {k: cache.meta.get(k) for k in expected}
+    if found != expected:
+        raise CacheNotReadyError(
+            f"the cache in {config.paths.cache} was built with {found}, the configuration asks for "
+            f"{expected}; {RUN_STAGE_HINT}"
+        )
+    return cache
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+@task(name="preprocess", cache_policy=NONE)
+def preprocess(config: Config, parent_run_id: str | None = None) -> dict:
+    """Decode the validated photos into the uint8 memmap cache (resumable, skipped when unchanged)."""
+    from tasks.download import read_dataset
+    from tasks.validate import read_classes, read_manifest
+
+    params = config.preprocess
+    with stage_run(config, "preprocess", parent_run_id, params={"preprocess": dataclasses.asdict(params)}) as run:
+        manifest = read_manifest(config)
+        classes = read_classes(config)
+        root = Path(read_dataset(config)["root"])
+        summary = build_cache(manifest, root, classes, params, config.paths.cache)
+        run.set_tags({"cache_key": summary["key"]})
+        run.log_metrics({
+            **{f"images_{split}": n for split, n in summary["counts"].items()},
+            "images_decoded": summary["images"],
+            "images_per_s": summary["images_per_s"],
+            "preprocess_seconds": summary["seconds"],
+            "cache_bytes": summary["bytes"],
+            "rebuilt": float(summary["rebuilt"]),
+            "chunks_resumed": summary["chunks_resumed"],
+        })
+        run.log_artifact(config.paths.cache / META_FILE)
+        return summary
