@@ -1,0 +1,410 @@
+"""evaluate[model]: test-set accuracy with confidence intervals, calibration, speed and size.
+
+The official test split is touched here and nowhere else. Everything the report says about a
+model's quality comes from `metrics.json`, `per_class.csv`, `confusion_counts.npy` and
+`predictions.parquet` in `config.paths.eval/<model>/`.
+
+Speed is measured honestly, timm-style: warm-up runs first, then batch-1 latency (p50, p95 over
+`latency_runs` single-image forwards) and throughput at `throughput_batch`, on the CPU always and
+on the GPU when there is one, with `torch.cuda.synchronize()` around every timed call.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import io
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+from torch import nn
+from tqdm import tqdm
+
+from food101 import metrics
+from food101.config import Config, EvaluateConfig
+from food101.devices import training_slots
+from food101.errors import Food101Error
+from food101.feed import BatchFeed
+from food101.io import (
+    atomic_path,
+    read_json,
+    replace_dir,
+    staging_dir,
+    write_json,
+    write_npy,
+    write_parquet,
+    write_text,
+)
+from food101.tracking import stage_run
+from tasks.preprocess import open_cache
+from tasks.train import load_trained_model, read_train_summary
+
+log = logging.getLogger(__name__)
+
+TOP_K = 5
+METRICS_FILE = "metrics.json"
+PER_CLASS_FILE = "per_class.csv"
+COUNTS_FILE = "confusion_counts.npy"
+PREDICTIONS_FILE = "predictions.parquet"
+RELIABILITY_FILE = "reliability.png"
+METRIC_KEYS = (
+    "model", "n_test", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
+    "macro_precision", "macro_recall", "macro_f1", "ece",
+    "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
+    "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
+    "train_time_s", "train_images_per_s",
+)
+# Two evaluations in one process (Prefect's thread runner) must not time their models at once.
+_timing_lock = threading.Lock()
+
+
+class EvaluationMissing(Food101Error):
+    """A model's evaluation outputs are not there (evaluate has not run for it)."""
+
+
+class EvaluationInputError(Food101Error):
+    """The trained model and the cache do not fit together."""
+
+
+# --- pure parts -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Everything computed from the test predictions (no timing, no files)."""
+
+    metrics: dict[str, float | int]
+    per_class: metrics.PerClass
+    counts: np.ndarray
+    reliability: metrics.Reliability
+    topk_labels: np.ndarray  # (N, k) best first
+    topk_probs: np.ndarray  # (N, k)
+
+
+def _autocast(device: torch.device):
+    # bf16 on CUDA as in training (no grad scaler needed); plain fp32 on the CPU.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def predict(
+    model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+    total: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, C) float32 and labels (N,) int64 over batches of (x, y)."""
+    model.eval()
+    probs, labels = [], []
+    with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="img", disable=None) as bar:
+        for x, y in batches:
+            x = x.to(device, non_blocking=True)
+            with _autocast(device):
+                logits = model(x)
+            probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
+            labels.append(y.cpu().numpy().astype(np.int64))
+            bar.update(len(y))
+    if not probs:
+        raise EvaluationInputError("the test split is empty: nothing to evaluate; check the preprocess stage")
+    return np.concatenate(probs), np.concatenate(labels)
+
+
+def score(probs: np.ndarray, labels: np.ndarray, settings: EvaluateConfig, top_k: int = TOP_K) -> Scores:
+    """Accuracy with bootstrap CIs, macro and per-class metrics, ECE and confusion counts."""
+    num_classes = probs.shape[1]
+    topk_labels = metrics.topk_indices(probs, top_k)
+    topk_probs = np.take_along_axis(probs, topk_labels, axis=1)
+    preds = topk_labels[:, 0]
+    top1_correct = preds == labels
+    topk_correct = (topk_labels == labels[:, None]).any(axis=1)
+    top1 = metrics.bootstrap_ci(top1_correct, settings.bootstrap_samples, settings.seed)
+    top5 = metrics.bootstrap_ci(topk_correct, settings.bootstrap_samples, settings.seed)
+    counts = metrics.confusion_counts(labels, preds, num_classes)
+    per_class = metrics.per_class_from_counts(counts)
+    reliability = metrics.reliability(topk_probs[:, 0], top1_correct, settings.ece_bins)
+    values: dict[str, float | int] = {
+        "n_test": len(labels),
+        "top1": top1.estimate, "top1_ci_low": top1.low, "top1_ci_high": top1.high,
+        "top5": top5.estimate, "top5_ci_low": top5.low, "top5_ci_high": top5.high,
+        "macro_precision": float(per_class.precision.mean()),
+        "macro_recall": float(per_class.recall.mean()),
+        "macro_f1": float(per_class.f1.mean()),
+        "ece": reliability.ece,
+    }
+    return Scores(values, per_class, counts, reliability, topk_labels, topk_probs)
+
+
+def per_class_frame(per_class: metrics.PerClass, classes: list[str], display: list[str]) -> pd.DataFrame:
+    """per_class.csv: class, display, accuracy, precision, recall, f1, support."""
+    return pd.DataFrame({
+        "class": classes, "display": display,
+        "accuracy": per_class.accuracy, "precision": per_class.precision, "recall": per_class.recall,
+        "f1": per_class.f1, "support": per_class.support.astype(np.int64),
+    })
+
+
+def predictions_frame(paths: list[str], labels: np.ndarray, scores: Scores) -> pd.DataFrame:
+    """predictions.parquet: path, label, pred, correct, top5_labels, top5_probs (best first)."""
+    preds = scores.topk_labels[:, 0].astype(np.int64)
+    return pd.DataFrame({
+        "path": paths,
+        "label": labels.astype(np.int64),
+        "pred": preds,
+        "correct": preds == labels,
+        "top5_labels": [row.astype(np.int64).tolist() for row in scores.topk_labels],
+        "top5_probs": [row.astype(np.float64).tolist() for row in scores.topk_probs],
+    })
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_latency(
+    model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
+) -> tuple[float, float]:
+    """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones."""
+    example = example.to(device).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode(), _autocast(device):
+        for _ in range(warmup):
+            model(example)
+        _sync(device)
+        for _ in range(max(1, runs)):
+            start = time.perf_counter()
+            model(example)
+            _sync(device)
+            times.append((time.perf_counter() - start) * 1000.0)
+    p50, p95 = np.percentile(times, [50, 95])
+    return float(p50), float(p95)
+
+
+def measure_throughput(
+    model: nn.Module, batch: torch.Tensor, device: torch.device, warmup: int, runs: int,
+) -> float:
+    """Images per second over `runs` forwards of `batch` after `warmup` untimed ones."""
+    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), _autocast(device):
+        for _ in range(warmup):
+            model(batch)
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(max(1, runs)):
+            model(batch)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+    return len(batch) * max(1, runs) / elapsed
+
+
+def throughput_schedule(settings: EvaluateConfig) -> tuple[int, int]:
+    """(warm-up, timed) batches for throughput: a fifth of the latency counts, at least 1 and 3.
+
+    A large batch takes seconds on the CPU; as many batches as single-image latency runs would
+    make evaluation on the CPU dominated by timing.
+    """
+    return max(1, math.ceil(settings.latency_warmup / 5)), max(3, math.ceil(settings.latency_runs / 5))
+
+
+def model_footprint(model: nn.Module, image_size: int) -> dict[str, float | int]:
+    """Parameters, state-dict size in MB (2**20 bytes, as torchvision's model docs count) and
+    GFLOPs per image counted by torch.utils.flop_counter (a multiply-add counts as 2 FLOPs)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, image_size, image_size, device=device)
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(example)
+    return {
+        "params": int(params),
+        "size_mb": buffer.getbuffer().nbytes / 2**20,
+        "gflops": counter.get_total_flops() / 1e9,
+    }
+
+
+def measure_speed(
+    model: nn.Module, image_size: int, settings: EvaluateConfig, devices: list[torch.device],
+) -> dict[str, float | None]:
+    """Latency p50/p95 at batch 1 and throughput at `throughput_batch` on each device ("cpu", "cuda")."""
+    generator = torch.Generator().manual_seed(settings.seed)
+    single = torch.randn(1, 3, image_size, image_size, generator=generator)
+    batch = torch.randn(settings.throughput_batch, 3, image_size, image_size, generator=generator)
+    tp_warmup, tp_runs = throughput_schedule(settings)
+    out: dict[str, float | None] = {}
+    for kind in ("cpu", "gpu"):
+        for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
+            out[key.format(kind)] = None
+    with _timing_lock:
+        for device in devices:
+            kind = "gpu" if device.type == "cuda" else "cpu"
+            on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
+            on_device = on_device.eval().to(memory_format=torch.channels_last)
+            p50, p95 = measure_latency(on_device, single, device, settings.latency_warmup, settings.latency_runs)
+            out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = p50, p95
+            out[f"throughput_{kind}_ips"] = measure_throughput(on_device, batch, device, tp_warmup, tp_runs)
+            log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
+                     device, p50, p95, out[f"throughput_{kind}_ips"], len(batch))
+    return out
+
+
+def plot_reliability(reliability: metrics.Reliability, title: str):
+    """A reliability diagram: accuracy per confidence bin against the diagonal, counts below."""
+    from matplotlib.figure import Figure  # no pyplot: no global state, safe in worker threads
+
+    fig = Figure(figsize=(6, 7), dpi=120)
+    top, bottom = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    centres = (reliability.lower + reliability.upper) / 2
+    width = reliability.upper - reliability.lower
+    filled = reliability.count > 0
+    top.bar(centres[filled], reliability.accuracy[filled], width=width[filled], color="#4C72B0",
+            edgecolor="white", label="accuracy")
+    gap = reliability.confidence[filled] - reliability.accuracy[filled]
+    top.bar(centres[filled], gap, bottom=reliability.accuracy[filled], width=width[filled],
+            color="#DD8452", alpha=0.5, edgecolor="#DD8452", hatch="//", label="gap to confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"{title}\nECE = {reliability.ece:.3f} ({len(reliability.count)} bins)")
+    top.legend(loc="upper left", fontsize=9)
+    bottom.bar(centres, reliability.count, width=width, color="#55A868", edgecolor="white")
+    bottom.set_xlabel("confidence (highest softmax probability)")
+    bottom.set_ylabel("test photos")
+    fig.tight_layout()
+    return fig
+
+
+def _save_figure(fig, path: Path, fmt: str = "png") -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=fmt)
+
+
+# --- the stage ------------------------------------------------------------------------------------
+
+
+def eval_dir(config: Config, model: str) -> Path:
+    return Path(config.paths.eval) / model
+
+
+def write_evaluation(
+    folder: Path, values: dict[str, Any], scores: Scores, paths: list[str], labels: np.ndarray,
+    classes: list[str], display: list[str], title: str,
+) -> Path:
+    """Write the five evaluation files into `folder`, replaced as a whole (never half old, half new)."""
+    staged = staging_dir(folder)
+    try:
+        write_json(staged / METRICS_FILE, values)
+        write_text(staged / PER_CLASS_FILE, per_class_frame(scores.per_class, classes, display).to_csv(index=False))
+        write_npy(staged / COUNTS_FILE, scores.counts)
+        write_parquet(staged / PREDICTIONS_FILE, predictions_frame(paths, labels, scores))
+        _save_figure(plot_reliability(scores.reliability, title), staged / RELIABILITY_FILE)
+        return replace_dir(folder, staged)
+    finally:
+        if staged.exists():  # only after a failure: no half-written folder left behind
+            shutil.rmtree(staged)
+
+
+@task(name="evaluate", cache_policy=NONE)
+def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> dict:
+    """Score a trained model on the test split; write metrics, predictions and plots."""
+    settings = config.evaluate
+    params = {"evaluate": dataclasses.asdict(settings)}
+    with stage_run(config, "evaluate", parent_run_id, model=model, params=params) as run:
+        train_summary = read_train_summary(config, model)
+        if train_summary.get("status") != "ok":
+            raise EvaluationInputError(
+                f"{model} did not finish training ({train_summary.get('error')}); fix that and train it "
+                f"again (food101 stage train --model {model}) before evaluating"
+            )
+        network, meta = load_trained_model(config, model, "cpu")
+        cache = open_cache(config)
+        classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
+        if list(meta["classes"]) != classes:
+            raise EvaluationInputError(
+                f"{model} was trained on {len(meta['classes'])} classes that differ from the cache's "
+                f"{len(classes)}; train it again (food101 stage train --model {model}) on this cache"
+            )
+        image_size = int(meta["image_size"])
+        network = network.eval().to(memory_format=torch.channels_last)
+        images, cache_labels = cache.images("test"), np.asarray(cache.labels("test"))
+        # The flow starts a model's evaluation while later models still train. Holding a training
+        # slot keeps a training off this device while we time it: latency measured next to a
+        # training run would be the training's, not the model's.
+        with training_slots(config).acquire(f"evaluate[{model}]") as device:
+            timed_devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+            footprint = model_footprint(network, image_size)
+            speed = measure_speed(network, image_size, settings, timed_devices)
+            network = network.to(device)
+            feed = BatchFeed(images, cache_labels, batch_size=settings.batch_size, device=device, train=False,
+                             image_size=image_size, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
+            probs, labels = predict(network, feed, device, total=len(cache_labels))
+        if not np.array_equal(labels, cache_labels):
+            raise EvaluationInputError("the batch feed returned the test labels out of cache order; "
+                                       "predictions cannot be matched to photos")
+        scores = score(probs, labels, settings)
+
+        index = cache.index
+        paths = index[index["split"] == "test"].sort_values("position")["path"].astype(str).tolist()
+        if len(paths) != len(labels):
+            raise EvaluationInputError(f"the cache index lists {len(paths)} test photos but the cache holds "
+                                       f"{len(labels)}; run preprocess again (food101 stage preprocess)")
+        values = {
+            "model": model, **scores.metrics, **speed, **footprint,
+            "train_time_s": train_summary.get("train_time_s"),
+            "train_images_per_s": train_summary.get("images_per_s"),
+        }
+        values = {key: values[key] for key in METRIC_KEYS}
+        final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
+                                 f"{model}: reliability on {len(labels)} test photos")
+
+        run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
+                      "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
+        run.log_metrics({k: v for k, v in values.items() if isinstance(v, (int, float))})
+        run.log_artifacts(final, "eval")
+        log.info("%s: top-1 %.4f [%.4f, %.4f], top-5 %.4f, ECE %.4f", model, values["top1"],
+                 values["top1_ci_low"], values["top1_ci_high"], values["top5"], values["ece"])
+        return {
+            "model": model, "eval_dir": str(final), "n_test": values["n_test"], "top1": values["top1"],
+            "top5": values["top5"], "macro_f1": values["macro_f1"], "ece": values["ece"],
+            "latency_cpu_p50_ms": values["latency_cpu_p50_ms"],
+        }
+
+
+# --- readers --------------------------------------------------------------------------------------
+
+
+def _existing(config: Config, model: str, name: str) -> Path:
+    path = eval_dir(config, model) / name
+    if not path.is_file():
+        raise EvaluationMissing(f"{path} does not exist: evaluate {model} first "
+                                f"(food101 stage evaluate --model {model})")
+    return path
+
+
+def read_metrics(config: Config, model: str) -> dict[str, Any]:
+    return read_json(_existing(config, model, METRICS_FILE))
+
+
+def read_per_class(config: Config, model: str) -> pd.DataFrame:
+    return pd.read_csv(_existing(config, model, PER_CLASS_FILE))
+
+
+def read_confusion_counts(config: Config, model: str) -> np.ndarray:
+    return np.load(_existing(config, model, COUNTS_FILE))
+
+
+def read_predictions(config: Config, model: str) -> pd.DataFrame:
+    return pd.read_parquet(_existing(config, model, PREDICTIONS_FILE))

@@ -1,0 +1,215 @@
+"""evaluate: the real stage on a cache of real sample photos and two tiny trained models."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn import metrics as skm
+from torchvision.models import get_model
+
+from food101 import metrics
+from food101.io import write_json, write_npy, write_parquet
+from food101.tracking import client_for, experiment_id
+from tasks import evaluate as ev
+from tasks.preprocess import load_image, open_cache
+from tasks.train import model_dir, save_checkpoint
+from tests.conftest import SAMPLE, make_config
+
+TINY_MODELS = ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
+FAST = {
+    "models": TINY_MODELS,
+    "evaluate__latency_warmup": 1,
+    "evaluate__latency_runs": 5,
+    "evaluate__throughput_batch": 4,
+    "evaluate__batch_size": 16,
+    "evaluate__bootstrap_samples": 200,
+}
+
+
+def build_sample_cache(config, train_per_class: int = 2, val_per_class: int = 1) -> None:
+    """The cache in the preprocess stage's format, from the real sample photos (all 50 test photos)."""
+    meta_dir = SAMPLE / "meta"
+    classes = meta_dir.joinpath("classes.txt").read_text().split()
+    display = [line.strip() for line in meta_dir.joinpath("labels.txt").read_text().splitlines() if line.strip()]
+    train_ids = meta_dir.joinpath("train.txt").read_text().split()
+    test_ids = meta_dir.joinpath("test.txt").read_text().split()
+    rows = []
+    for name in classes:
+        mine = [i for i in train_ids if i.split("/")[0] == name]
+        rows += [("train", i) for i in mine[:train_per_class]]
+        rows += [("val", i) for i in mine[train_per_class:train_per_class + val_per_class]]
+    rows += [("test", i) for i in test_ids]
+    index = pd.DataFrame(rows, columns=["split", "image_id"])
+    index["path"] = "images/" + index["image_id"] + ".jpg"
+    index["label"] = index["image_id"].map(lambda i: classes.index(i.split("/")[0])).astype("int64")
+    index["position"] = index.groupby("split").cumcount().astype("int64")
+    folder = config.paths.cache
+    resize, crop = config.preprocess.resize, config.preprocess.crop
+    counts = {}
+    for split in ("train", "val", "test"):
+        part = index[index["split"] == split]
+        images = np.stack([load_image(SAMPLE / p, resize, crop) for p in part["path"]])
+        write_npy(folder / f"{split}_images.npy", images)
+        write_npy(folder / f"{split}_labels.npy", part["label"].to_numpy(np.int64))
+        counts[split] = len(part)
+    write_parquet(folder / "index.parquet", index[["split", "position", "path", "label", "image_id"]])
+    write_json(folder / "meta.json", {"key": "test", "classes": classes, "display": display, "resize": resize,
+                                      "crop": crop, "counts": counts})
+
+
+def write_trained_model(config, model: str, seed: int = 0, status: str = "ok") -> None:
+    """best.pt and train.json as the train stage writes them, for an untrained tiny network."""
+    cache = open_cache(config)
+    torch.manual_seed(seed)
+    net = get_model(model, weights=None, num_classes=len(cache.classes))
+    out = model_dir(config, model)
+    save_checkpoint(out / "best.pt", {
+        "state_dict": net.state_dict(), "arch": model, "num_classes": len(cache.classes),
+        "image_size": config.preprocess.crop, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225],
+        "classes": cache.classes, "display": cache.display, "epoch": 1, "val_top1": 0.2,
+    })
+    write_json(out / "train.json", {
+        "model": model, "status": status, "error": None if status == "ok" else "NaN loss at epoch 2",
+        "epochs_run": 1, "best_epoch": 1, "best_val_top1": 0.2, "train_time_s": 12.5, "images_per_s": 80.0,
+        "device": "cpu", "params": {}, "pretrained": False,
+    })
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """A cache, two tiny trained models and their real evaluation (shared by the tests below)."""
+    torch.set_num_threads(1)
+    config = make_config(tmp_path_factory.mktemp("evaluate"), **FAST)
+    build_sample_cache(config)
+    results = {}
+    for seed, model in enumerate(TINY_MODELS):
+        write_trained_model(config, model, seed)
+        results[model] = ev.evaluate.fn(config, model)
+    return config, results
+
+
+def reference_probs(config, model: str) -> np.ndarray:
+    """Softmax outputs computed directly: the cache images normalised by hand, no feed."""
+    from tasks.train import load_trained_model
+
+    net, meta = load_trained_model(config, model, "cpu")
+    images = torch.from_numpy(np.array(open_cache(config).images("test"))).permute(0, 3, 1, 2).float() / 255
+    x = (images - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    with torch.inference_mode():
+        return torch.softmax(net(x), dim=1).numpy()
+
+
+def test_metrics_json_has_the_contract_keys_and_consistent_numbers(evaluated):
+    config, results = evaluated
+    for model in TINY_MODELS:
+        values = ev.read_metrics(config, model)
+        assert list(values) == list(ev.METRIC_KEYS)
+        predictions = ev.read_predictions(config, model)
+        labels = predictions["label"].to_numpy()
+        assert values["model"] == model and values["n_test"] == 50 == results[model]["n_test"]
+        assert values["top1"] == pytest.approx(skm.accuracy_score(labels, predictions["pred"]))
+        assert values["top1_ci_low"] <= values["top1"] <= values["top1_ci_high"]
+        assert values["top5_ci_low"] <= values["top5"] <= values["top5_ci_high"]
+        assert values["top5"] == 1.0  # 5 classes: the true one is always among the top 5
+        assert values["macro_f1"] == pytest.approx(
+            skm.f1_score(labels, predictions["pred"], labels=range(5), average="macro", zero_division=0))
+        assert 0.0 <= values["ece"] <= 1.0
+        assert values["latency_cpu_p50_ms"] > 0 and values["latency_cpu_p95_ms"] >= values["latency_cpu_p50_ms"]
+        assert values["throughput_cpu_ips"] > 0
+        gpu_keys = ("latency_gpu_p50_ms", "latency_gpu_p95_ms", "throughput_gpu_ips")
+        if torch.cuda.is_available():
+            assert all(values[k] > 0 for k in gpu_keys)
+        else:
+            assert all(values[k] is None for k in gpu_keys)
+        net = get_model(model, weights=None, num_classes=5)
+        assert values["params"] == sum(p.numel() for p in net.parameters())
+        assert 0.1 < values["size_mb"] < 10 and 0 < values["gflops"] < 1
+        assert (values["train_time_s"], values["train_images_per_s"]) == (12.5, 80.0)
+
+
+def test_predictions_match_a_direct_forward_pass(evaluated):
+    config, _ = evaluated
+    cache = open_cache(config)
+    model = TINY_MODELS[0]
+    predictions = ev.read_predictions(config, model)
+    assert list(predictions.columns) == ["path", "label", "pred", "correct", "top5_labels", "top5_probs"]
+    expected_paths = cache.index.query("split == 'test'").sort_values("position")["path"].tolist()
+    assert predictions["path"].tolist() == expected_paths
+    np.testing.assert_array_equal(predictions["label"], cache.labels("test"))
+    probs = reference_probs(config, model)
+    top5 = np.stack(predictions["top5_labels"].map(np.asarray))
+    top5_probs = np.stack(predictions["top5_probs"].map(np.asarray))
+    np.testing.assert_array_equal(top5[:, 0], predictions["pred"])
+    np.testing.assert_allclose(top5_probs, np.take_along_axis(probs, top5, axis=1), atol=1e-4)
+    assert (np.diff(top5_probs, axis=1) <= 1e-7).all()  # best first
+    assert (predictions["correct"] == (predictions["pred"] == predictions["label"])).all()
+
+
+def test_per_class_counts_and_plot(evaluated):
+    config, _ = evaluated
+    model = TINY_MODELS[1]
+    predictions = ev.read_predictions(config, model)
+    per_class = ev.read_per_class(config, model)
+    assert list(per_class.columns) == ["class", "display", "accuracy", "precision", "recall", "f1", "support"]
+    assert per_class["class"].tolist() == open_cache(config).classes
+    assert per_class["display"].iloc[0] == "Apple pie"
+    assert per_class["support"].tolist() == [10] * 5
+    counts = ev.read_confusion_counts(config, model)
+    assert counts.dtype == np.int64
+    np.testing.assert_array_equal(counts, skm.confusion_matrix(predictions["label"], predictions["pred"],
+                                                               labels=range(5)))
+    np.testing.assert_allclose(per_class["precision"], skm.precision_score(
+        predictions["label"], predictions["pred"], labels=range(5), average=None, zero_division=0))
+    png = ev.eval_dir(config, model) / ev.RELIABILITY_FILE
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_evaluation_is_recorded_in_mlflow(evaluated):
+    config, _ = evaluated
+    client = client_for(config)
+    runs = client.search_runs([experiment_id(config, client)], "tags.stage = 'evaluate'")
+    assert {run.data.tags["model"] for run in runs} == set(TINY_MODELS)
+    for run in runs:
+        values = ev.read_metrics(config, run.data.tags["model"])
+        assert run.data.metrics["top1"] == pytest.approx(values["top1"])
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "eval")}
+        assert "eval/predictions.parquet" in artifacts and "eval/reliability.png" in artifacts
+
+
+def test_failed_training_and_missing_evaluation_are_clear_errors(evaluated):
+    config, _ = evaluated
+    with pytest.raises(ev.EvaluationMissing, match="food101 stage evaluate --model resnet18"):
+        ev.read_metrics(config, "resnet18")
+    write_json(model_dir(config, "resnet18") / "train.json", {"model": "resnet18", "status": "failed",
+                                                               "error": "NaN loss at epoch 2"})
+    with pytest.raises(ev.EvaluationInputError, match="did not finish training .NaN loss"):
+        ev.evaluate.fn(config, "resnet18")
+    assert not ev.eval_dir(config, "resnet18").exists()
+
+
+def test_score_and_speed_on_their_own(tmp_path):
+    """The pure parts, without files: score() against sklearn, speed and footprint on a tiny net."""
+    torch.set_num_threads(1)
+    config = make_config(tmp_path, **FAST)
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 8, size=300)
+    logits = rng.normal(size=(300, 8))
+    logits[np.arange(300), labels] += 1.0
+    probs = metrics.softmax(logits).astype(np.float32)
+    scores = ev.score(probs, labels, config.evaluate)
+    assert scores.metrics["top1"] == pytest.approx(skm.accuracy_score(labels, probs.argmax(1)))
+    assert scores.metrics["top5"] == pytest.approx(skm.top_k_accuracy_score(labels, probs, k=5))
+    assert scores.metrics["ece"] == pytest.approx(metrics.expected_calibration_error(probs, labels, 15))
+
+    net = get_model("mobilenet_v3_small", weights=None, num_classes=8).eval()
+    batches = [(torch.randn(4, 3, 32, 32), torch.arange(4)) for _ in range(2)]
+    out_probs, out_labels = ev.predict(net, batches, torch.device("cpu"))
+    assert out_probs.shape == (8, 8) and out_labels.tolist() == [0, 1, 2, 3] * 2
+    np.testing.assert_allclose(out_probs.sum(1), 1.0, atol=1e-5)
+    speed = ev.measure_speed(net, 32, config.evaluate, [torch.device("cpu")])
+    assert speed["latency_cpu_p50_ms"] > 0 and speed["latency_gpu_p50_ms"] is None
+    footprint = ev.model_footprint(net, 32)
+    assert footprint["gflops"] > 0 and footprint["params"] == sum(p.numel() for p in net.parameters())
+    assert ev.throughput_schedule(config.evaluate) == (1, 3)
