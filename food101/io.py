@@ -19,6 +19,9 @@ from typing import IO, Any
 import numpy as np
 import pandas as pd
 
+FILE_MODE = 0o644
+DIR_MODE = 0o755
+
 
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
@@ -28,6 +31,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    tmp.chmod(FILE_MODE)  # mkstemp makes owner-only files; outputs are ordinary readable files
     try:
         yield tmp
         _fsync(tmp)
@@ -94,7 +98,9 @@ def staging_dir(final: Path) -> Path:
     """A fresh empty folder next to `final` to write into before `replace_dir`."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    folder = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    folder.chmod(DIR_MODE)
+    return folder
 
 
 def _fsync(path: Path) -> None:

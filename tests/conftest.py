@@ -34,8 +34,22 @@ from food101 import env  # noqa: E402
 env.configure(REPO)
 
 
+def _seed_tracking_db(db: Path) -> None:
+    """Copy a migrated, empty MLflow database into place: migrating a new one costs 5-15 s here."""
+    template = _STATE / "mlflow-template.db"
+    if not template.exists():
+        from mlflow.tracking import MlflowClient
+
+        template.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(f"sqlite:///{template}").search_experiments()
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(template, db)
+
+
 def generated_overrides(root: Path) -> dict[str, str]:
     """--set overrides that move every generated path under `root` (the sample stays shared)."""
+    _seed_tracking_db(root / _DEFAULT_RELATIVE["tracking_db"])
     out = {f"paths.{k}": str(root / v) for k, v in _DEFAULT_RELATIVE.items()}
     out["paths.sample"] = str(SAMPLE)
     return out
