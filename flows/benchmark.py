@@ -89,6 +89,7 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     failures: dict[str, str] = {}
     for future in as_completed(list(trainings)):
         model = trainings[future]
+        future.wait()  # as_completed can yield before the future's state is final
         if future.state.is_completed():
             evaluations[model] = stage["evaluate"].submit(config, model, parent_run_id)
         else:

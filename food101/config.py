@@ -232,7 +232,8 @@ def load_config(
         if not profile_file.is_file():
             known = sorted(p.stem for p in (params_file.parent / PROFILES_DIR).glob("*.yaml"))
             raise ConfigError(f"unknown profile {profile!r}: no {profile_file}; profiles here: {known}")
-        for key, value in flatten(_read_yaml(profile_file)).items():
+        # A profile's per-model map replaces params.yaml's whole: recipes do not mix across profiles.
+        for key, value in flatten(_read_yaml(profile_file), leaves=("train.overrides",)).items():
             _set_dotted(merged, key, value, schema=base)
     if overrides:
         items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
@@ -273,13 +274,13 @@ def dump_params(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values."""
+def flatten(data: dict[str, Any], prefix: str = "", leaves: tuple[str, ...] = ()) -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists, and the dotted keys in `leaves`, stay values."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{name}."))
+        if isinstance(value, dict) and value and name not in leaves:
+            out.update(flatten(value, f"{name}.", leaves))
         else:
             out[name] = value
     return out

@@ -25,15 +25,15 @@ def test_profiles_override_and_are_not_default():
     demo = load_config(REPO / "params.yaml", profile="demo")
     assert demo.profile == "demo" and not demo.is_default
     assert demo.data.source == "sample" and demo.train.pretrained is False
-    assert demo.train.overrides == {}  # the demo profile clears the full recipe's per-model changes
+    assert set(demo.train.overrides) == {"mobilenet_v3_large"}  # the profile's map replaces the full one
     quick = load_config(REPO / "params.yaml", profile="quick")
     assert quick.data.is_subset and quick.train.epochs == 3
 
 
 def test_per_model_overrides_merge_into_the_recipe():
     config = load_config(REPO / "params.yaml")
-    assert config.train.for_model("mobilenet_v3_large").lr == 0.2
-    assert config.train.for_model("resnet50").lr == config.train.lr
+    assert config.train.for_model("mobilenet_v3_large").weight_decay == 1e-5
+    assert config.train.for_model("resnet50").weight_decay == config.train.weight_decay
 
 
 @pytest.mark.parametrize(

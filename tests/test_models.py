@@ -1,0 +1,128 @@
+"""Models by name: heads for our classes, weights' own normalisation, and weights that must load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import get_model
+
+from food101.models import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    WeightsUnavailable,
+    build_model,
+    classifier_head,
+    expected_weights_path,
+    normalization,
+    parameter_groups,
+    pretrained_weights,
+)
+
+MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
+# The smallest of the three (22 MB of weights): the one the weights-file tests write to disk.
+SMALL = "mobilenet_v3_large"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty TORCH_HOME (torch.hub reads it on every call)."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_head_is_replaced_for_our_classes(arch: str) -> None:
+    model = build_model(arch, num_classes=7, pretrained=False)
+    name, head = classifier_head(model)
+    assert head.out_features == 7
+    reference_name, reference = classifier_head(get_model(arch))
+    assert (name, head.in_features) == (reference_name, reference.in_features)
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, 64, 64)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_weights_are_the_best_published_and_normalisation_comes_from_them(arch: str) -> None:
+    weights = pretrained_weights(arch)
+    assert weights.name == ("IMAGENET1K_V2" if "IMAGENET1K_V2" in type(weights).__members__ else "IMAGENET1K_V1")
+    mean, std = normalization(arch, pretrained=True)
+    preset = weights.transforms()
+    assert mean == tuple(preset.mean) and std == tuple(preset.std)
+    assert normalization(arch, pretrained=False) == (IMAGENET_MEAN, IMAGENET_STD)
+
+
+def test_no_weight_decay_on_norms_and_biases() -> None:
+    model = build_model("efficientnet_b0", 5, pretrained=False)
+    decay, no_decay = parameter_groups(model, weight_decay=0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    no_decay_ids = {id(p) for p in no_decay["params"]}
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            assert id(module.weight) in no_decay_ids and id(module.bias) in no_decay_ids
+        if isinstance(module, (nn.Conv2d, nn.Linear)):
+            assert id(module.weight) not in no_decay_ids
+            if module.bias is not None:
+                assert id(module.bias) in no_decay_ids
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_missing_weights_are_a_clear_error_naming_torch_home_and_the_file(torch_home: Path) -> None:
+    expected = expected_weights_path(pretrained_weights(SMALL))
+    assert expected == torch_home / "hub" / "checkpoints" / "mobilenet_v3_large-5c1a4163.pth"
+    with pytest.raises(WeightsUnavailable) as caught:
+        build_model(SMALL, 5, pretrained=True)  # no network here: the download fails at once
+    message = str(caught.value)
+    assert str(expected) in message and f"TORCH_HOME={torch_home}" in message
+    assert "train.pretrained=false" in message
+    assert not expected.exists()  # nothing half-downloaded left behind
+
+
+def test_weights_in_torch_home_are_loaded(torch_home: Path) -> None:
+    """A state dict at the path torch.hub expects is used as is (the hash in the file name is
+    checked only on download), and every pretrained tensor arrives unchanged."""
+    torch.manual_seed(123)
+    saved = get_model(SMALL).state_dict()
+    path = expected_weights_path(pretrained_weights(SMALL))
+    path.parent.mkdir(parents=True)
+    torch.save(saved, path)
+
+    model = build_model(SMALL, 5, pretrained=True)
+    head_name, head = classifier_head(model)
+    loaded = model.state_dict()
+    for key, value in saved.items():
+        if key.startswith(head_name + "."):
+            continue
+        assert torch.equal(loaded[key], value), key
+    assert torch.count_nonzero(head.weight) == 0  # fine-tuning starts from a zero head
+    # A fresh random model would differ: the weights really came from the file.
+    assert not torch.equal(get_model(SMALL).state_dict()["features.0.0.weight"], loaded["features.0.0.weight"])
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all" * 100], ids=["empty", "garbage"])
+def test_corrupt_weights_are_a_clear_error(torch_home: Path, content: bytes) -> None:
+    path = expected_weights_path(pretrained_weights(SMALL))
+    path.parent.mkdir(parents=True)
+    path.write_bytes(content)
+    with pytest.raises(WeightsUnavailable, match="corrupt") as caught:
+        build_model(SMALL, 5, pretrained=True)
+    assert str(path) in str(caught.value)
+
+
+def test_weights_of_another_model_are_a_clear_error(torch_home: Path) -> None:
+    path = expected_weights_path(pretrained_weights(SMALL))
+    path.parent.mkdir(parents=True)
+    torch.save(get_model("mobilenet_v3_small").state_dict(), path)
+    with pytest.raises(WeightsUnavailable, match="does not match"):
+        build_model(SMALL, 5, pretrained=True)

@@ -1,0 +1,336 @@
+"""Training: the engine learns real photos, resumes exactly, fails loudly; the stage writes its files."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from food101.config import ConfigError
+from food101.devices import resolve_device, slot_devices, training_slot
+from food101.feed import BatchFeed
+from food101.models import build_model, normalization
+from tasks.preprocess import build_cache, open_cache
+from tasks.train import (
+    EpochEnd,
+    TrainingDiverged,
+    evaluate_batches,
+    fit,
+    load_checkpoint,
+    load_trained_model,
+    lr_factor,
+    make_trainer,
+    read_history,
+    read_train_summary,
+    save_checkpoint,
+    train,
+    train_step,
+)
+from tests.conftest import SAMPLE, cuda, make_config
+
+MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the stage would otherwise take every core
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def sample_manifest() -> tuple[pd.DataFrame, dict[str, list[str]]]:
+    """The bundled sample as validate would list it (all photos decodable)."""
+    names = (SAMPLE / "meta" / "classes.txt").read_text().split()
+    display = (SAMPLE / "meta" / "labels.txt").read_text().splitlines()
+    rows = [
+        {"path": f"images/{image_id}.jpg", "image_id": image_id, "label": names.index(image_id.split("/")[0]),
+         "split": split, "status": "ok"}
+        for split in ("train", "test")
+        for image_id in (SAMPLE / "meta" / f"{split}.txt").read_text().split()
+    ]
+    return pd.DataFrame(rows), {"names": names, "display": display}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The real preprocess cache of the sample at the demo profile's 64 px, built once."""
+    root = tmp_path_factory.mktemp("train")
+    config = make_config(root)
+    manifest, classes = sample_manifest()
+    build_cache(manifest, SAMPLE, classes, config.preprocess, config.paths.cache, workers=1, progress_bar=False)
+    return root
+
+
+@pytest.fixture
+def demo(cache_root: Path, tmp_path: Path):
+    """A demo config whose cache is the shared one and whose other outputs are this test's own."""
+    def configure(**overrides):
+        return make_config(tmp_path, paths__cache=str(cache_root / "data" / "cache"), **overrides)
+    return configure
+
+
+def feed(cache, split: str, *, train: bool, batch_size: int = 32, rows: slice = slice(None), seed: int = 0):
+    mean, std = normalization("any", pretrained=False)
+    images, labels = cache.images(split)[rows], cache.labels(split)[rows]
+    return BatchFeed(np.ascontiguousarray(images), labels, batch_size=batch_size, device=CPU, train=train,
+                     image_size=images.shape[1], mean=mean, std=std, min_scale=0.35, seed=seed, prefetch=0)
+
+
+# --- the engine on real photos -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("arch", MODELS)
+def test_each_model_overfits_one_batch_of_real_photos(demo, arch: str) -> None:
+    """The guard against the old system's 12%: the whole pipeline can fit ten real photos."""
+    config = demo()
+    cache = open_cache(config)
+    per_class = [np.flatnonzero(cache.labels("train") == c)[:2] for c in range(len(cache.classes))]
+    rows = np.sort(np.concatenate(per_class))
+    x, y = next(iter(feed(cache, "train", train=False, batch_size=len(rows), rows=rows)))
+    # The demo recipe without label smoothing (its floor is above 10% of the first loss).
+    recipe = dataclasses.replace(config.train.for_model(arch), label_smoothing=0.0, warmup_epochs=0.0)
+    torch.manual_seed(0)
+    trainer = make_trainer(build_model(arch, len(cache.classes), pretrained=False), recipe, CPU,
+                           steps_per_epoch=1000, label=arch)
+    losses = []
+    for _ in range(60):
+        loss, _ = train_step(trainer, x, y)
+        losses.append(float(loss))
+        if losses[-1] <= 0.1 * losses[0]:
+            break
+    assert losses[-1] <= 0.1 * losses[0], f"{arch}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+
+
+def test_resume_after_a_kill_reaches_the_same_state_as_an_uninterrupted_run(demo, tmp_path: Path) -> None:
+    config = demo()
+    cache = open_cache(config)
+    recipe = dataclasses.replace(config.train.for_model("mobilenet_v3_large"), epochs=2)
+
+    def start(seed: int):
+        torch.manual_seed(seed)
+        model = build_model("mobilenet_v3_large", len(cache.classes), pretrained=False)
+        source = feed(cache, "train", train=True)
+        return make_trainer(model, recipe, CPU, len(source), label="m"), source, feed(cache, "val", train=False)
+
+    def next_step_loss(trainer, source) -> float:
+        source.set_epoch(3)
+        x, y = next(iter(source))
+        return float(train_step(trainer, x, y)[0])
+
+    torch.manual_seed(0)
+    trainer, source, val = start(0)
+    whole = fit(trainer, source, val, recipe, steps_per_epoch=len(source))
+    whole_state = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    whole_next = next_step_loss(trainer, source)
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(end: EpochEnd) -> None:
+        save_checkpoint(tmp_path / "checkpoint.pt", end.checkpoint)
+        raise Killed
+
+    torch.manual_seed(0)
+    trainer, source, val = start(0)
+    with pytest.raises(Killed):
+        fit(trainer, source, val, recipe, steps_per_epoch=len(source), on_epoch_end=save_then_die)
+
+    # A new process: other random weights, other RNG state; everything comes from the checkpoint.
+    trainer, source, val = start(99)
+    checkpoint = load_checkpoint(tmp_path / "checkpoint.pt")  # weights_only=True
+    assert checkpoint["epoch"] == 1
+    resumed = fit(trainer, source, val, recipe, steps_per_epoch=len(source), resume=checkpoint)
+
+    assert resumed.start_epoch == 2 and [r["epoch"] for r in resumed.history] == [1, 2]
+    assert _same_losses(resumed.history, whole.history)
+    for key, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(value, whole_state[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert next_step_loss(trainer, source) == pytest.approx(whole_next, rel=1e-5)
+
+
+def _same_losses(a: list[dict], b: list[dict]) -> bool:
+    keys = ("train_loss", "train_top1", "val_loss", "val_top1", "lr")
+    return all(math.isclose(x[k], y[k], rel_tol=1e-5) for x, y in zip(a, b, strict=True) for k in keys)
+
+
+class NaNAfterFirstStep(nn.Module):
+    """A model whose output turns NaN after its first forward pass."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        out = self.net(x)
+        return out * float("nan") if self.calls > 1 else out
+
+
+def test_a_nan_loss_raises_training_diverged(demo) -> None:
+    recipe = dataclasses.replace(demo().train, epochs=2)
+    batches = [(torch.randn(4, 3, 8, 8), torch.randint(0, 5, (4,))) for _ in range(3)]
+    trainer = make_trainer(NaNAfterFirstStep(), recipe, CPU, steps_per_epoch=3, label="nan_model")
+    with pytest.raises(TrainingDiverged, match="nan_model: the training loss became nan at epoch 1"):
+        fit(trainer, batches, batches, recipe, steps_per_epoch=3)
+
+
+def test_learning_rate_warms_up_linearly_then_decays_on_a_cosine() -> None:
+    factors = [lr_factor(step, warmup_steps=4, total_steps=12) for step in range(12)]
+    assert factors[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert factors[4] == 1.0 and all(a > b for a, b in zip(factors[4:], factors[5:], strict=False))
+    assert lr_factor(12, 4, 12) == 0.0
+    assert lr_factor(8, 4, 12) == pytest.approx(0.5)
+
+
+def test_early_stopping_keeps_the_best_validation_epoch(demo) -> None:
+    """Validation that never improves after epoch 1: patience 2 stops after epoch 3, best is 1."""
+    recipe = dataclasses.replace(demo().train, epochs=10, early_stopping_patience=2)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * 8 * 8, 5))
+    batches = [(torch.randn(8, 3, 8, 8), torch.randint(0, 5, (8,))) for _ in range(2)]
+    trainer = make_trainer(model, recipe, CPU, steps_per_epoch=2)
+
+    class ScoresOnce:
+        """Validation data every example of which the model gets right once, then never."""
+
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            x = torch.randn(8, 3, 8, 8)
+            with torch.no_grad():
+                predicted = trainer.model(x).argmax(1)
+            yield x, predicted if self.epoch == 1 else (predicted + 1) % 5
+
+    result = fit(trainer, batches, ScoresOnce(), recipe, steps_per_epoch=2)
+    assert [r["epoch"] for r in result.history] == [1, 2, 3]
+    assert result.stopped_early and result.best_epoch == 1 and result.best_val_top1 == 1.0
+
+
+# --- the stage ---------------------------------------------------------------------------------
+
+
+def test_every_model_trained_from_scratch_beats_chance_and_is_not_trained_twice(demo) -> None:
+    # The demo recipe takes 18 steps, too few to learn 120 photos from scratch: batch 16 and ten
+    # epochs (70 steps), twenty for MobileNetV3, the slowest starter (its SE/hardswish blocks).
+    config = demo(train__batch_size=16, train__epochs=10, train__lr=0.005,
+                  train__overrides={"mobilenet_v3_large": {"epochs": 20, "lr": 0.002}})
+    cache = open_cache(config)
+    chance = 1 / len(cache.classes)
+    scores = {}
+    for arch in config.models:
+        summary = train.fn(config, arch)
+        assert summary["status"] == "ok" and summary["epochs_run"] == config.train.for_model(arch).epochs
+        model, meta = load_trained_model(config, arch)
+        assert meta["classes"] == cache.classes and meta["image_size"] == 64
+        test_feed = feed(cache, "test", train=False, batch_size=64)
+        trainer = make_trainer(model, config.train, CPU, 1, label=arch)
+        scores[arch] = evaluate_batches(trainer, test_feed)["val_top1"]
+
+        history = read_history(config, arch)
+        assert list(history["epoch"]) == list(range(1, config.train.for_model(arch).epochs + 1))
+        on_disk = read_train_summary(config, arch)
+        assert on_disk["best_val_top1"] == history["val_top1"].max()
+        assert on_disk["best_epoch"] == int(history.loc[history["val_top1"].idxmax(), "epoch"])
+
+    assert all(score > chance for score in scores.values()), scores
+
+    # Done with the same configuration: returned from train.json, nothing retrained.
+    arch = config.models[-1]
+    stamp = (config.paths.models / arch / "history.csv").stat().st_mtime_ns
+    again = train.fn(config, arch)
+    assert again["best_val_top1"] == read_train_summary(config, arch)["best_val_top1"]
+    assert (config.paths.models / arch / "history.csv").stat().st_mtime_ns == stamp
+
+
+def test_stage_resumes_from_its_checkpoint_only_when_the_configuration_matches(demo) -> None:
+    arch = "mobilenet_v3_large"
+    config = demo(train__epochs=2, models=[arch])
+    out = config.paths.models / arch
+    train.fn(config, arch)
+    full = read_history(config, arch)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 2
+    # Killed after the last checkpoint, before train.json: the re-run resumes and trains nothing.
+    (out / "train.json").unlink()
+    summary = train.fn(config, arch)
+    assert summary["epochs_run"] == 2 and read_train_summary(config, arch)["resumed_from_epoch"] == 2
+    pd.testing.assert_frame_equal(read_history(config, arch), full)
+    # Another recipe does not resume a checkpoint that is not its own.
+    other = demo(train__epochs=1, models=[arch])
+    assert train.fn(other, arch)["epochs_run"] == 1
+    assert read_train_summary(other, arch)["resumed_from_epoch"] == 0
+
+
+def test_a_diverging_model_is_marked_failed_in_train_json(demo) -> None:
+    # An absurd learning rate: the weights overflow and the loss goes NaN within a few steps.
+    config = demo(train__optimizer="sgd", train__lr=1.0e30, train__epochs=1, models=["mobilenet_v3_large"])
+    with pytest.raises(TrainingDiverged, match="loss became nan.*Lower train.lr"):
+        train.fn(config, "mobilenet_v3_large")
+    summary = read_train_summary(config, "mobilenet_v3_large")
+    assert summary["status"] == "failed" and "loss became" in summary["error"]
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def test_cpu_trains_one_model_at_a_time(demo) -> None:
+    config = demo()
+    assert slot_devices(config) == [CPU]
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    def work(model: str) -> None:
+        with training_slot(config, model):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.05)
+            with lock:
+                inside[0] -= 1
+
+    threads = [threading.Thread(target=work, args=(m,)) for m in config.models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert most[0] == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without a GPU")
+def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == CPU
+
+
+@cuda
+def test_bf16_channels_last_step_matches_fp32(demo) -> None:
+    config = demo()
+    recipe = dataclasses.replace(config.train.for_model("resnet50"), channels_last=True)
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 5, (16,))
+    model = build_model("resnet50", 5, pretrained=False)
+    reference = build_model("resnet50", 5, pretrained=False)
+    reference.load_state_dict(model.state_dict())
+    device = torch.device("cuda")
+    fast = make_trainer(model, recipe, device, 10)
+    assert fast.amp
+    plain = make_trainer(reference, dataclasses.replace(recipe, channels_last=False), device, 10)
+    plain.amp = False
+    fast_loss, _ = train_step(fast, x, y)
+    plain_loss, _ = train_step(plain, x, y)
+    assert float(fast_loss) == pytest.approx(float(plain_loss), rel=0.05)
