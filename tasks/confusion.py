@@ -246,8 +246,10 @@ def _write_outputs(
         examples = plot_examples(chosen, images, position_of, settings.examples_per_pair,
                                  f"{model}: misclassified test photos, most confused pairs first")
         _save(examples, staged / f"{model}_examples.png", "png")
-        log.info("confusion[%s]: %d groups, top pair %s", model, len(groups[model]),
-                 pairs[model].iloc[0][["true", "predicted", "count"]].tolist() if len(pairs[model]) else None)
+        if len(pairs[model]):
+            top = pairs[model].iloc[0]
+            log.info("confusion[%s]: %d groups; most confused: %s taken for %s %d times", model,
+                     len(groups[model]), top["true"], top["predicted"], int(top["count"]))
 
     combined = metrics.cluster_confusion(sum(counts.values()), settings.group_threshold)
     groups = {"combined": [[classes[i] for i in group] for group in combined.groups], **groups}

@@ -32,6 +32,7 @@ from prefect.cache_policies import NONE
 
 from food101.config import Config
 from food101.environment_info import collect_environment
+from food101.history import trends_path
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_text
 from food101.tracking import stage_run
 
@@ -422,6 +423,7 @@ class Inputs:
     group_rule: str | None
     significance: list[dict[str, Any]]
     previous: dict[str, Any] | None
+    trends_plot: Path | None = None                # every benchmark of the profile (food101.history)
 
     def display(self, name: str) -> str:
         """A class's display name ('Apple pie') from classes.json, else the folder name."""
@@ -484,6 +486,7 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
         group_rule=(confusion.get("summary") or {}).get("group_rule"),
         significance=[e for e in confusion.get("significance", []) if {e.get("a"), e.get("b")} <= set(metrics)],
         previous=_json_or_none(paths.reports / HISTORY_FILE),
+        trends_plot=trends_path(config) if trends_path(config).is_file() else None,
     )
 
 
@@ -948,13 +951,19 @@ def _history_section(inputs: Inputs) -> Section:
         blocks.append(Callout("No regression since the last benchmark.", "ok"))
     deltas = history.get("deltas") or []
     if deltas and all(isinstance(d, dict) for d in deltas):
-        columns: list[str] = []
-        for d in deltas:
-            columns += [k for k in d if k not in columns]
-        blocks.append(Table(columns, [[_cell(d.get(c)) for c in columns] for d in deltas]))
+        rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
+                 _signed(d.get("delta")), "yes" if d.get("significant") else "no", d.get("test") or DASH]
+                for d in deltas]
+        blocks.append(Table(["model", "metric", "previous", "now", "change", "significant", "test"], rows))
     else:
         blocks.append(_computed_deltas(inputs.metrics, previous.get("metrics") or {}))
+    if inputs.trends_plot is not None:
+        blocks.append(Figure(inputs.trends_plot, "Every benchmark of this profile so far, oldest first."))
     return Section(anchor, title, blocks)
+
+
+def _signed(value: Any) -> str:
+    return f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value)
 
 
 def _computed_deltas(current: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]]) -> Table:

@@ -267,7 +267,8 @@ def test_comparison_with_the_previous_benchmark(upstream):
     history = {
         "previous": {"run_id": "abc123", "date": "2026-11-18",
                      "metrics": {"resnet50": {"top1": 0.84, "latency_cpu_p50_ms": 40.0}}},
-        "deltas": [{"model": "resnet50", "metric": "top1", "previous": 0.84, "current": 0.82, "delta": -0.02}],
+        "deltas": [{"model": "resnet50", "metric": "top1", "previous": 0.84, "current": 0.82, "delta": -0.02,
+                    "significant": True, "test": "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)"}],
         "regressions": [{"model": "resnet50", "metric": "top1", "message": "resnet50 top-1 fell 2.0 points"}],
     }
     (reports / "history.json").write_text(json.dumps(history))
@@ -276,7 +277,8 @@ def test_comparison_with_the_previous_benchmark(upstream):
     assert "Regression since the last benchmark" in found["Executive summary"]
     since = found["Since the last benchmark"]
     assert "`abc123`" in since and "2026-11-18" in since and "resnet50 top-1 fell 2.0 points" in since
-    assert table_rows(since)["resnet50"] == ["top1", "0.84", "0.82", "-0.02"]
+    assert table_rows(since)["resnet50"] == ["top1", "0.84", "0.82", "-0.02", "yes",
+                                             "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)"]
     assert json.loads(Path(result["summary"]).read_text())["regressions"] == 1
 
 
