@@ -1,0 +1,104 @@
+"""Benchmarks in a row: the comparison with the last one, a planted regression, the champion."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from flows.benchmark import benchmark
+from food101 import history
+from food101.history import RegressionDetected
+from food101.tracking import finish_run, start_benchmark_run, tracking_uri
+from tasks.evaluate import read_metrics, read_predictions
+from tests.conftest import REPO, SAMPLE, make_config
+
+pytestmark = pytest.mark.slow
+
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "evaluate.latency_runs": 3,
+        "evaluate.bootstrap_samples": 50}
+
+
+@pytest.fixture(scope="module")
+def second_run(demo_run):
+    """A second (quicker) demo benchmark into the same folders and MLflow database."""
+    overrides = demo_run["overrides"] | FAST
+    return benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
+
+
+def test_second_benchmark_reports_changes_since_the_first(demo_run, second_run):
+    comparison = second_run["comparison"]
+    assert comparison["previous"]["run_id"] == demo_run["result"]["parent_run_id"]
+    saved = json.loads((demo_run["config"].paths.reports / "history.json").read_text())
+    top1 = [d for d in saved["deltas"] if d["metric"] == "top1"]
+    assert {d["model"] for d in top1} == set(demo_run["config"].models)
+    text = (demo_run["config"].paths.reports / "report.md").read_text()
+    since = text.split("## Since the last benchmark", 1)[1].split("\n## ", 1)[0]
+    assert demo_run["result"]["parent_run_id"] in since
+    for delta in top1:
+        assert f"{delta['current']:.4g}" in since  # this run's own numbers, in the table
+
+
+def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(demo_run, second_run):
+    config = demo_run["config"]
+    # Plant a previous benchmark that was right on every photo and trained 10x faster.
+    planted = start_benchmark_run(config, {"planted": "true"})
+    metrics, predictions = {}, {}
+    for model in config.models:
+        values = read_metrics(config, model)
+        metrics[model] = values | {"top1": 1.0, "top1_ci_low": 0.99, "top1_ci_high": 1.0,
+                                   "train_images_per_s": 10 * values["train_images_per_s"]}
+        predictions[model] = read_predictions(config, model).assign(correct=True)
+    history.record_benchmark(config, planted, metrics, history.hardware_description(), predictions)
+    finish_run(planted)
+
+    overrides = demo_run["overrides"] | FAST | {"alerts.fail_on_regression": True}
+    state = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"),
+                      return_state=True)
+    assert state.is_failed()
+    with pytest.raises(RegressionDetected, match="top1"):
+        state.result()
+
+    client = MlflowClient(tracking_uri(config))
+    runs = client.search_runs([planted.info.experiment_id], filter_string="tags.kind = 'benchmark'",
+                              order_by=["attributes.start_time DESC"], max_results=1)
+    assert runs[0].data.tags["regression"] == "true"
+    assert runs[0].data.tags["compared_with"] == planted.run_id
+    assert runs[0].info.status == "FAILED"  # never the baseline of the next benchmark
+    text = (config.paths.reports / "report.md").read_text()
+    assert "Regression since the last benchmark" in text
+
+
+def test_predict_uses_the_champion_a_demo_run_registered(demo_run):
+    config = demo_run["config"]
+    photos = sorted((SAMPLE / "images" / "bibimbap").glob("*.jpg"))[:2]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{config.paths.tracking_db}"}
+    done = subprocess.run([sys.executable, "-m", "food101", "predict", "--profile", "demo", *map(str, photos)],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    display = set(pd.read_csv(SAMPLE / "meta" / "labels.txt", header=None)[0])
+    lines = [line.strip() for line in done.stdout.splitlines() if "%" in line]
+    assert len(lines) == 2 * 5
+    probabilities = []
+    for line in lines:
+        probability, dish = line.split("%", 1)
+        assert dish.strip() in display
+        probabilities.append(float(probability))
+    for first in (0, 5):
+        ranked = probabilities[first:first + 5]
+        assert ranked == sorted(ranked, reverse=True) and 99.0 <= sum(ranked) <= 100.5
+
+
+def test_predict_without_a_champion_says_what_to_do(tmp_path):
+    config = make_config(tmp_path)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{config.paths.tracking_db}"}
+    photo = next((SAMPLE / "images" / "bibimbap").glob("*.jpg"))
+    done = subprocess.run([sys.executable, "-m", "food101", "predict", "--profile", "demo", str(photo)],
+                          cwd=REPO, env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    assert "run a benchmark first" in done.stderr and "Traceback" not in done.stderr
