@@ -46,6 +46,8 @@ def test_per_model_overrides_merge_into_the_recipe():
         ("preprocess.crop=512", "crop must be <="),
         ("data.source=local", "needs data.local_path"),
         ("train.pretrained=maybe", "expected true or false"),
+        ("train.overrides={resnet5: {lr: 1}}", "train.overrides: 'resnet5' is not a torchvision"),
+        ("train.overrides={resnet50: {lr_max: 1}}", "unknown keys"),
     ],
 )
 def test_bad_parameters_name_the_problem(override, message):

@@ -76,3 +76,13 @@ def test_dvc_metrics_show_reads_the_summary(dvc_project):
     shown = run(["dvc", "metrics", "show", "--json"], root, env)
     assert "summary.json" in shown.stdout
     assert "top1" in shown.stdout
+
+
+def test_dvc_exp_run_sweeps_a_parameter_and_exp_show_lists_it(dvc_project):
+    root, env, _ = dvc_project
+    # Only evaluation and what follows depend on evaluate.*: a cheap, real experiment.
+    done = run(["dvc", "exp", "run", "-n", "latency-5", "-S", "evaluate.latency_runs=5"], root, env)
+    assert "Running stage 'evaluate@resnet50'" in done.stdout
+    assert "Running stage 'train@resnet50'" not in done.stdout
+    shown = run(["dvc", "exp", "show", "--json"], root, env)
+    assert "latency-5" in shown.stdout

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -51,3 +53,24 @@ def test_mlflow_holds_the_parent_run_and_a_nested_run_per_stage_and_model(demo_r
     train_runs = [r for r in children if r.data.tags["stage"] == "train"]
     history = client.get_metric_history(train_runs[0].info.run_id, "train_loss")
     assert [m.step for m in history] == sorted(m.step for m in history) and len(history) >= 2
+
+
+def test_one_failing_model_leaves_the_others_trained_evaluated_and_reported(tmp_path, prefect_harness):
+    """A learning rate of 1e9 makes resnet50 diverge (NaN): the other two still finish."""
+    from flows.benchmark import benchmark
+    from tests.conftest import REPO, generated_overrides
+
+    overrides = generated_overrides(tmp_path) | {
+        "train.epochs": 1, "train.max_steps_per_epoch": 2, "evaluate.latency_runs": 3,
+        "evaluate.bootstrap_samples": 50, "train.overrides": {"resnet50": {"lr": 1.0e9}},
+    }
+    result = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
+    assert set(result["failures"]) == {"resnet50"}
+    assert "TrainingDiverged" in result["failures"]["resnet50"]
+    assert set(result["models"]) == {"efficientnet_b0", "mobilenet_v3_large"}
+    text = (tmp_path / "reports" / "report.md").read_text()
+    failures = text.split("## Failures", 1)[1].split("\n## ", 1)[0]
+    assert "resnet50" in failures and "TrainingDiverged" in failures
+    summary = json.loads((tmp_path / "reports" / "summary.json").read_text())
+    assert set(summary["failed"]) == {"resnet50"}
+    assert not (tmp_path / "dvc.lock").exists()

@@ -77,8 +77,11 @@ def test_food101_run_with_default_params_leaves_dvc_status_clean(tmp_path: Path)
          "--write", "params.yaml"], root, env)
     run(["git", "add", "-A"], root, env)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "demo params"], root, env)
+    remote = tmp_path / "dvc-remote"
+    run(["dvc", "remote", "add", "-d", "local", str(remote)], root, env)
     done = run(["food101", "run"], root, env)
     assert "Report:" in done.stdout
+    assert any(p.is_file() for p in remote.rglob("*"))  # the outputs were pushed to the remote
     status = run(["dvc", "status"], root, env)
     assert "Data and pipelines are up to date" in status.stdout, status.stdout
     assert (root / "dvc.lock").is_file()
