@@ -159,6 +159,8 @@ def flow_for(config: Config, base: Any = benchmark) -> Any:
     if config.orchestration.task_runner == "dask":
         from prefect_dask import DaskTaskRunner
 
+        _make_torch_classes_picklable()
+
         return base.with_options(task_runner=DaskTaskRunner(address=config.orchestration.dask_address))
     return base
 
@@ -180,3 +182,23 @@ def serve_deployment(
         description=f"Weekly Food-101 re-benchmark ({config.profile}): {', '.join(config.models)}",
         tags=["food101", config.profile],
     )
+
+
+def _make_torch_classes_picklable() -> None:
+    """Let cloudpickle ship our task functions to Dask workers.
+
+    A task function is pickled by value (its module name points at the Task, not the function),
+    and cloudpickle then also pickles submodules whose names appear in the code: `cache.classes`
+    drags in `torch.classes`, a module object that cannot be pickled. Send it by reference.
+    """
+    import copyreg
+
+    import torch
+
+    copyreg.pickle(type(torch.classes), _torch_classes_reference)
+
+
+def _torch_classes_reference(_: object) -> tuple[Any, tuple[Any, str]]:
+    import torch
+
+    return getattr, (torch, "classes")

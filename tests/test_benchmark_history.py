@@ -16,36 +16,51 @@ from food101 import history
 from food101.history import RegressionDetected
 from food101.tracking import finish_run, start_benchmark_run, tracking_uri
 from tasks.evaluate import read_metrics, read_predictions
-from tests.conftest import REPO, SAMPLE, make_config
+from tests.conftest import REPO, SAMPLE, generated_overrides, make_config
 
 pytestmark = pytest.mark.slow
 
-FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "evaluate.latency_runs": 3,
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}, "evaluate.latency_runs": 3,
         "evaluate.bootstrap_samples": 50}
 
 
+def same_tracking(demo_run, root) -> dict:
+    """Outputs under `root`, MLflow in the demo run's database: the demo run's files stay intact."""
+    tracking = {k: v for k, v in demo_run["overrides"].items() if k.startswith("paths.tracking")}
+    return generated_overrides(root) | tracking | FAST
+
+
 @pytest.fixture(scope="module")
-def second_run(demo_run):
-    """A second (quicker) demo benchmark into the same folders and MLflow database."""
-    overrides = demo_run["overrides"] | FAST
+def later(demo_run, tmp_path_factory):
+    root = tmp_path_factory.mktemp("later-benchmarks")
+    overrides = same_tracking(demo_run, root)
+    config = make_config(root, **{k.replace(".", "__"): v for k, v in overrides.items()})
+    return root, overrides, config
+
+
+@pytest.fixture(scope="module")
+def second_run(demo_run, later):
+    """A second (quicker) demo benchmark, recorded in the same MLflow database as the first."""
+    _, overrides, _ = later
     return benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
 
 
-def test_second_benchmark_reports_changes_since_the_first(demo_run, second_run):
+def test_second_benchmark_reports_changes_since_the_first(demo_run, second_run, later):
+    _, _, config = later
     comparison = second_run["comparison"]
     assert comparison["previous"]["run_id"] == demo_run["result"]["parent_run_id"]
-    saved = json.loads((demo_run["config"].paths.reports / "history.json").read_text())
+    saved = json.loads((config.paths.reports / "history.json").read_text())
     top1 = [d for d in saved["deltas"] if d["metric"] == "top1"]
-    assert {d["model"] for d in top1} == set(demo_run["config"].models)
-    text = (demo_run["config"].paths.reports / "report.md").read_text()
+    assert {d["model"] for d in top1} == set(config.models)
+    text = (config.paths.reports / "report.md").read_text()
     since = text.split("## Since the last benchmark", 1)[1].split("\n## ", 1)[0]
     assert demo_run["result"]["parent_run_id"] in since
     for delta in top1:
         assert f"{delta['current']:.4g}" in since  # this run's own numbers, in the table
 
 
-def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(demo_run, second_run):
-    config = demo_run["config"]
+def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(second_run, later):
+    _, overrides, config = later
     # Plant a previous benchmark that was right on every photo and trained 10x faster.
     planted = start_benchmark_run(config, {"planted": "true"})
     metrics, predictions = {}, {}
@@ -57,8 +72,8 @@ def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(demo
     history.record_benchmark(config, planted, metrics, history.hardware_description(), predictions)
     finish_run(planted)
 
-    overrides = demo_run["overrides"] | FAST | {"alerts.fail_on_regression": True}
-    state = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"),
+    state = benchmark(profile="demo", overrides=overrides | {"alerts.fail_on_regression": True},
+                      params_file=str(REPO / "params.yaml"),
                       return_state=True)
     assert state.is_failed()
     with pytest.raises(RegressionDetected, match="top1"):

@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 # Small enough to finish in about a minute: the point here is the deployment path, not accuracy.
-FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "evaluate.latency_runs=3",
+FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.overrides={}", "evaluate.latency_runs=3",
         "evaluate.bootstrap_samples=50"]
 
 

@@ -17,7 +17,7 @@ from tests.test_dvc import project_copy, run
 
 pytestmark = pytest.mark.slow
 
-FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "evaluate.latency_runs": 3,
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}, "evaluate.latency_runs": 3,
         "evaluate.bootstrap_samples": 50}
 
 
@@ -43,7 +43,8 @@ def test_flow_logs_to_a_real_mlflow_server(tmp_path: Path, prefect_harness, monk
         client = MlflowClient(uri)
         assert client.get_run(result["parent_run_id"]).info.status == "FINISHED"
         assert len(child_structure(client, result["parent_run_id"])) >= 9
-        assert not (tmp_path / "out" / "mlflow.db").exists()  # nothing went to the local fallback
+        local = MlflowClient(f"sqlite:///{tmp_path / 'out' / 'mlflow.db'}")
+        assert local.get_experiment_by_name("food101") is None  # nothing went to the local fallback
         assert any((tmp_path / "server-artifacts").rglob("report.html"))
     assert server.poll() is not None
 

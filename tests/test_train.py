@@ -76,6 +76,8 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo(cache_root: Path, tmp_path: Path):
     """A demo config whose cache is the shared one and whose other outputs are this test's own."""
     def configure(**overrides):
+        # No per-model recipe changes unless a test asks: they would override the test's own settings.
+        overrides = {"train__overrides": {}} | overrides
         return make_config(tmp_path, paths__cache=str(cache_root / "data" / "cache"), **overrides)
     return configure
 
