@@ -101,6 +101,7 @@ class TrainConfig:
     min_scale: float
     early_stopping_patience: int
     seed: int
+    seeds: int
     compile: bool
     channels_last: bool
     gpu_cache: Literal["auto", "on", "off"]
@@ -414,6 +415,7 @@ def _check_ranges(config: Config) -> None:
         (config.train.epochs >= 1, "train.epochs must be at least 1"),
         (config.train.batch_size >= 1, "train.batch_size must be at least 1"),
         (config.train.lr > 0, "train.lr must be positive"),
+        (config.train.seeds >= 1, "train.seeds must be at least 1 (1 trains each model once)"),
         (0.0 < config.train.min_scale <= 1.0, "train.min_scale must be in (0, 1]"),
         (len(config.models) >= 1, "models must list at least one model"),
         (len(set(config.models)) == len(config.models), "models must not repeat a name"),

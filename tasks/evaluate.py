@@ -17,6 +17,7 @@ import io
 import logging
 import math
 import shutil
+import statistics
 import threading
 import time
 from collections.abc import Iterable
@@ -49,7 +50,7 @@ from food101.io import (
 )
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
-from tasks.train import load_trained_model, read_train_summary
+from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
 
 log = logging.getLogger(__name__)
 
@@ -59,13 +60,16 @@ PER_CLASS_FILE = "per_class.csv"
 COUNTS_FILE = "confusion_counts.npy"
 PREDICTIONS_FILE = "predictions.parquet"
 RELIABILITY_FILE = "reliability.png"
+SEEDS_FILE = "seeds.json"  # only with train.seeds > 1: top-1, top-5, macro-F1 of every seed's training
 METRIC_KEYS = (
     "model", "n_test", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
     "macro_precision", "macro_recall", "macro_f1", "ece",
     "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
     "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
     "train_time_s", "train_images_per_s",
+    "n_seeds", "top1_seed_mean", "top1_seed_sd",
 )
+SEED_KEYS = ("top1", "top5", "macro_f1")
 # Two evaluations in one process (Prefect's thread runner) must not time their models at once.
 _timing_lock = threading.Lock()
 
@@ -141,6 +145,13 @@ def score(probs: np.ndarray, labels: np.ndarray, settings: EvaluateConfig, top_k
         "ece": reliability.ece,
     }
     return Scores(values, per_class, counts, reliability, topk_labels, topk_probs)
+
+
+def seed_summary(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """n_seeds, and the mean and sample standard deviation (ddof=1) of top-1 over the seeds."""
+    top1 = [entry["top1"] for entry in per_seed]
+    return {"n_seeds": len(top1), "top1_seed_mean": statistics.fmean(top1),
+            "top1_seed_sd": statistics.stdev(top1) if len(top1) > 1 else None}
 
 
 def per_class_frame(per_class: metrics.PerClass, classes: list[str], display: list[str]) -> pd.DataFrame:
@@ -301,12 +312,15 @@ def eval_dir(config: Config, model: str) -> Path:
 
 def write_evaluation(
     folder: Path, values: dict[str, Any], scores: Scores, paths: list[str], labels: np.ndarray,
-    classes: list[str], display: list[str], title: str,
+    classes: list[str], display: list[str], title: str, per_seed: list[dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the five evaluation files into `folder`, replaced as a whole (never half old, half new)."""
+    """Write the evaluation files into `folder`, replaced as a whole (never half old, half new);
+    seeds.json only when more than one seed was trained."""
     staged = staging_dir(folder)
     try:
         write_json(staged / METRICS_FILE, values)
+        if per_seed is not None and len(per_seed) > 1:
+            write_json(staged / SEEDS_FILE, per_seed)
         write_text(staged / PER_CLASS_FILE, per_class_frame(scores.per_class, classes, display).to_csv(index=False))
         write_npy(staged / COUNTS_FILE, scores.counts)
         write_parquet(staged / PREDICTIONS_FILE, predictions_frame(paths, labels, scores))
@@ -332,11 +346,9 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
         network, meta = load_trained_model(config, model, "cpu")
         cache = open_cache(config)
         classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
-        if list(meta["classes"]) != classes:
-            raise EvaluationInputError(
-                f"{model} was trained on {len(meta['classes'])} classes that differ from the cache's "
-                f"{len(classes)}; train it again (food101 stage train --model {model}) on this cache"
-            )
+        _check_classes(model, meta, classes)
+        recipe = config.train.for_model(model)
+        replicas = trained_replicas(config, model)
         image_size = int(meta["image_size"])
         network = network.eval().to(memory_format=torch.channels_last)
         images, cache_labels = cache.images("test"), np.asarray(cache.labels("test"))
@@ -351,10 +363,18 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
             feed = BatchFeed(images, cache_labels, batch_size=settings.batch_size, device=device, train=False,
                              image_size=image_size, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
             probs, labels = predict(network, feed, device, total=len(cache_labels))
+            # The other seeds' trainings: test predictions only (the same architecture: no timing).
+            replica_probs = {seed: predict(_load_replica(model, best_path, device, classes), feed, device,
+                                           total=len(cache_labels))[0]
+                             for seed, best_path in replicas}
         if not np.array_equal(labels, cache_labels):
             raise EvaluationInputError("the batch feed returned the test labels out of cache order; "
                                        "predictions cannot be matched to photos")
         scores = score(probs, labels, settings)
+        per_seed = [{"seed": recipe.seed, **{k: scores.metrics[k] for k in SEED_KEYS}}]
+        for seed, seed_probs in replica_probs.items():
+            seed_scores = score(seed_probs, labels, settings).metrics
+            per_seed.append({"seed": seed, **{k: seed_scores[k] for k in SEED_KEYS}})
 
         index = cache.index
         paths = index[index["split"] == "test"].sort_values("position")["path"].astype(str).tolist()
@@ -365,10 +385,11 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
             "model": model, **scores.metrics, **speed, **footprint,
             "train_time_s": train_summary.get("train_time_s"),
             "train_images_per_s": train_summary.get("images_per_s"),
+            **seed_summary(per_seed),
         }
         values = {key: values[key] for key in METRIC_KEYS}
         final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
-                                 f"{model}: reliability on {len(labels)} test photos")
+                                 f"{model}: reliability on {len(labels)} test photos", per_seed)
 
         run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
                       "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
@@ -376,11 +397,42 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
         run.log_artifacts(final, "eval")
         log.info("%s: top-1 %.4f [%.4f, %.4f], top-5 %.4f, ECE %.4f", model, values["top1"],
                  values["top1_ci_low"], values["top1_ci_high"], values["top5"], values["ece"])
+        if values["n_seeds"] > 1:
+            log.info("%s: top-1 over %d seeds %.4f ± %.4f (sd)", model, values["n_seeds"],
+                     values["top1_seed_mean"], values["top1_seed_sd"])
         return {
             "model": model, "eval_dir": str(final), "n_test": values["n_test"], "top1": values["top1"],
             "top5": values["top5"], "macro_f1": values["macro_f1"], "ece": values["ece"],
             "latency_cpu_p50_ms": values["latency_cpu_p50_ms"],
         }
+
+
+def trained_replicas(config: Config, model: str) -> list[tuple[int, Path]]:
+    """(seed, best.pt) of every finished replica training that `train.seeds` asks for."""
+    found = []
+    for seed in replica_seeds(config.train.for_model(model)):
+        folder = replica_dir(config, model, seed)
+        summary = read_json(folder / "train.json") if (folder / "train.json").is_file() else {}
+        if summary.get("status") == "ok" and (folder / "best.pt").is_file():
+            found.append((seed, folder / "best.pt"))
+        else:
+            log.warning("%s: no finished training with seed %d in %s; it is left out of the mean and sd over "
+                        "seeds (train it: food101 stage train --model %s)", model, seed, folder, model)
+    return found
+
+
+def _load_replica(model: str, best_path: Path, device: torch.device, classes: list[str]) -> nn.Module:
+    network, meta = load_best(best_path, device)
+    _check_classes(model, meta, classes)
+    return network.to(memory_format=torch.channels_last)
+
+
+def _check_classes(model: str, meta: dict[str, Any], classes: list[str]) -> None:
+    if list(meta["classes"]) != classes:
+        raise EvaluationInputError(
+            f"{model} was trained on {len(meta['classes'])} classes that differ from the cache's "
+            f"{len(classes)}; train it again (food101 stage train --model {model}) on this cache"
+        )
 
 
 # --- readers --------------------------------------------------------------------------------------
@@ -396,6 +448,11 @@ def _existing(config: Config, model: str, name: str) -> Path:
 
 def read_metrics(config: Config, model: str) -> dict[str, Any]:
     return read_json(_existing(config, model, METRICS_FILE))
+
+
+def read_seeds(config: Config, model: str) -> list[dict[str, Any]]:
+    """seeds.json: [{seed, top1, top5, macro_f1}] per training of the model (train.seeds > 1 only)."""
+    return read_json(_existing(config, model, SEEDS_FILE))
 
 
 def read_per_class(config: Config, model: str) -> pd.DataFrame:

@@ -53,6 +53,9 @@ HEADLINE_KEYS = (
     "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
     "train_time_s", "train_images_per_s", "n_test",
 )
+# With train.seeds > 1: a summary-table column and these keys in summary.json (mean and sd of top-1).
+SEEDS_COLUMN = "top-1 over seeds (mean ± sd)"
+SEED_KEYS = ("n_seeds", "top1_seed_mean", "top1_seed_sd")
 
 
 # --- the document: blocks rendered to Markdown and HTML ----------------------------------------
@@ -198,6 +201,11 @@ def normalise_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
         value = out.get(key)
         if isinstance(value, (int, float)) and value > 1.0:
             out[key] = value / 100.0
+    mean = out.get("top1_seed_mean")
+    if isinstance(mean, (int, float)) and mean > 1.0:
+        out["top1_seed_mean"] = mean / 100.0
+        if isinstance(out.get("top1_seed_sd"), (int, float)):
+            out["top1_seed_sd"] = out["top1_seed_sd"] / 100.0
     return out
 
 
@@ -246,6 +254,29 @@ def _significance_text(significance: list[dict[str, Any]], a: str, b: str) -> st
                     f"(McNemar's exact test: only {entry['a']} right on {entry.get('n_a_only')} photos, only "
                     f"{entry['b']} on {entry.get('n_b_only')}, p = {entry['p_value']:.3g}).")
     return sentence
+
+
+def has_seed_runs(metrics: dict[str, dict[str, Any]]) -> bool:
+    """True when some model was trained with more than one seed (`train.seeds` > 1)."""
+    return any((m.get("n_seeds") or 1) > 1 for m in metrics.values())
+
+
+def _seed_spread_text(metrics: dict[str, dict[str, Any]], a: str, b: str) -> str:
+    """Whether the mean top-1 gap between a and b is larger than their seed-to-seed standard
+    deviation; empty when neither was trained with more than one seed."""
+    sds = [metrics[m]["top1_seed_sd"] for m in (a, b)
+           if (metrics[m].get("n_seeds") or 1) > 1 and metrics[m].get("top1_seed_sd") is not None]
+    if not sds:
+        return ""
+    means = {m: metrics[m]["top1"] if metrics[m].get("top1_seed_mean") is None else metrics[m]["top1_seed_mean"]
+             for m in (a, b)}
+    gap, spread = abs(means[a] - means[b]), max(sds)
+    counts = sorted({int(metrics[m].get("n_seeds") or 1) for m in (a, b)})
+    over = f"Over {counts[0]} training seeds" if len(counts) == 1 else "Over repeated trainings"
+    sd = f"the seed-to-seed standard deviation (up to {100 * spread:.1f} points)"
+    verdict = (f"more than {sd}, so their order does not hinge on the seed" if gap > spread
+               else f"no more than {sd}, so another seed could swap them")
+    return f"{over}, {a} and {b} are {_points(gap)} apart in mean top-1, {verdict}."
 
 
 def _by_accuracy(metrics: dict[str, dict[str, Any]]) -> list[str]:
@@ -298,6 +329,9 @@ def recommend(
             overlap = best_m["top1_ci_low"] <= metrics[second]["top1_ci_high"]
             reason += (" Their confidence intervals overlap, so this test set alone does not settle which is better."
                        if overlap else " Their confidence intervals do not overlap.")
+        spread = _seed_spread_text(metrics, best, second)
+        if spread:
+            reason += f" {spread}"
     else:
         reason += " It is the only model evaluated."
     best_rec = Recommendation("best_accuracy", "Best accuracy", best, reason, ranked)
@@ -610,6 +644,9 @@ class Report:
 def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[dict[str, Any]]]:
     headers = ["model", "top-1 % (95% CI)", "top-5 %", "macro-F1", "ECE", "training time", "train img/s",
                "CPU latency ms p50 / p95", "GPU latency ms p50 / p95", "params (M)", "size MB", "GFLOPs"]
+    seeds = has_seed_runs(inputs.metrics)
+    if seeds:
+        headers.insert(2, SEEDS_COLUMN)
     rows, records = [], []
     for model in _by_accuracy(inputs.metrics):
         m = inputs.metrics[model]
@@ -626,10 +663,21 @@ def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[d
             _num(params / 1e6 if params else None, 1), _num(m.get("size_mb"), 1), _num(m.get("gflops"), 2),
         ])
         records.append({"model": model, "status": "ok", **{k: m.get(k) for k in HEADLINE_KEYS}})
+        if seeds:
+            rows[-1].insert(2, _seed_cell(m))
+            records[-1].update({k: m.get(k) for k in SEED_KEYS})
     for model, error in inputs.failures.items():
         rows.append([f"**{model}** FAILED"] + [DASH] * (len(headers) - 1))
         records.append({"model": model, "status": "failed", "error": error})
     return Table(headers, rows), records
+
+
+def _seed_cell(metrics: dict[str, Any]) -> str:
+    """'81.2 ± 0.4 (3 seeds)' in top-1 points; a dash for a model trained once."""
+    n = metrics.get("n_seeds") or 1
+    if n < 2 or metrics.get("top1_seed_sd") is None:
+        return DASH
+    return f"{100 * metrics['top1_seed_mean']:.1f} ± {100 * metrics['top1_seed_sd']:.1f} ({n} seeds)"
 
 
 def _pair(first: float | None, second: float | None, digits: int) -> str:
@@ -651,6 +699,11 @@ GLOSSARY = [
     "**p50 / p95 latency**: median and 95th-percentile time to classify one photo (batch of 1), after warm-up.",
     "**Pareto set**: models that no other model beats on accuracy and speed at the same time.",
 ]
+SEEDS_GLOSSARY = (
+    "**top-1 over seeds**: each model trained again with the next seeds (`train.seeds`) and every training "
+    "scored on the test set; the mean and sample standard deviation of those top-1 scores. The other "
+    "columns describe the training with `train.seed`."
+)
 
 
 def build_report(
@@ -675,7 +728,7 @@ def build_report(
             Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
                  f"{DASH} means not measured (no GPU, or the stage did not record it)."),
             table,
-            Bullets(GLOSSARY),
+            Bullets(GLOSSARY + ([SEEDS_GLOSSARY] if has_seed_runs(metrics) else [])),
         ]),
         _tradeoffs_section(inputs, plots),
         _learning_section(inputs, plots),
@@ -755,6 +808,10 @@ def _executive_summary(config: Config, inputs: Inputs, recs: Recommendations, n_
         text += f" It is also the most accurate model; {second} follows at {_pct(metrics[second]['top1'])}."
         if sentence:
             text += f" {sentence}"
+    if len(metrics) > 1:
+        spread = _seed_spread_text(metrics, *_by_accuracy(metrics)[:2])
+        if spread:
+            text += f" {spread}"
     worst = _worst_classes(inputs, chosen, 3)
     if worst:
         text += f" Its weakest classes are {', '.join(worst)}."
