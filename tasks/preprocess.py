@@ -326,6 +326,8 @@ def build_cache(
         record = _start_staging(staging, plan, key, params.crop, chunk_size)
     else:
         log.info("preprocess: resuming an unfinished cache: %d chunks already done", len(record["done"]))
+        for debris in staging.glob(".*.tmp-*"):  # half-written files of the killed run: never trusted
+            debris.unlink()
     chunk_size = int(record["chunk_size"])  # chunk ids mean rows only with the size that wrote them
 
     chunks = make_chunks(counts, chunk_size)
