@@ -36,7 +36,7 @@ from torchvision import datasets, transforms  # noqa: E402
 from food101.config import load_config  # noqa: E402
 from food101.feed import BatchFeed  # noqa: E402
 from tasks.preprocess import build_cache, load_cache  # noqa: E402
-from tests.test_preprocess import sample_classes, sample_manifest  # noqa: E402
+from tests.conftest import sample_classes, sample_manifest  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -61,7 +61,7 @@ def child(images: int, resize: int, crop: int, workers: int) -> None:
 
     from food101.config import load_config
     from tasks.preprocess import build_cache
-    from tests.test_preprocess import sample_classes, sample_manifest
+    from tests.conftest import sample_classes, sample_manifest
 
     base = sample_manifest()
     manifest = sample_manifest(repeat=-(-images // len(base))).iloc[:images]

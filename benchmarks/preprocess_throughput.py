@@ -34,7 +34,7 @@ from PIL import Image  # noqa: E402
 
 from food101.config import load_config  # noqa: E402
 from tasks.preprocess import build_cache  # noqa: E402
-from tests.test_preprocess import sample_classes, sample_manifest  # noqa: E402
+from tests.conftest import sample_classes, sample_manifest  # noqa: E402
 
 SAMPLE = REPO / "data" / "sample"
 

@@ -63,6 +63,46 @@ def make_config(root: Path, profile: str | None = "demo", **overrides):
     return load_config(REPO / "params.yaml", profile=profile, overrides=merged)
 
 
+def sample_classes(root: Path = SAMPLE) -> dict[str, list[str]]:
+    """Class folder names and display names of a dataset root, as classes.json holds them."""
+    from tasks.validate import read_meta
+
+    meta = read_meta(root)
+    return {"names": meta.classes, "display": meta.display}
+
+
+def sample_manifest(root: Path = SAMPLE, repeat: int = 1):
+    """The bundled sample as the validate stage lists it, every photo taken as decodable.
+
+    The listing comes from the validate stage's own code; only the image inspection is skipped.
+    `repeat` > 1 repeats the rows (more work from the same photos, for benchmarks and kill tests).
+    """
+    import hashlib
+
+    import pandas as pd
+
+    from tasks.validate import read_meta, select_rows
+
+    meta = read_meta(root)
+    frame = select_rows(meta, meta.classes, None, None)
+    data = [(root / path).read_bytes() for path in frame["path"]]
+    frame = frame.assign(bytes=[len(d) for d in data], sha256=[hashlib.sha256(d).hexdigest() for d in data],
+                         status="ok")
+    return pd.concat([frame] * repeat, ignore_index=True) if repeat > 1 else frame
+
+
+@pytest.fixture
+def one_thread(monkeypatch: pytest.MonkeyPatch):
+    """One torch thread (and OMP_NUM_THREADS=1 for stages that set their own): tests share 2 cores."""
+    import torch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def demo_config(tmp_path: Path):
     return make_config(tmp_path)

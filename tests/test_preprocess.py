@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import signal
@@ -26,31 +25,7 @@ from tasks.preprocess import (
     plan_cache,
     staging_path,
 )
-from tests.conftest import REPO, SAMPLE, make_config
-
-
-def sample_classes(root: Path = SAMPLE) -> dict[str, list[str]]:
-    names = (root / "meta" / "classes.txt").read_text().split()
-    display = (root / "meta" / "labels.txt").read_text().splitlines()
-    return {"names": names, "display": display}
-
-
-def sample_manifest(root: Path = SAMPLE, repeat: int = 1) -> pd.DataFrame:
-    """A manifest in the validate stage's format, built from meta/{train,test}.txt."""
-    names = sample_classes(root)["names"]
-    rows = []
-    for split in ("train", "test"):
-        for image_id in (root / "meta" / f"{split}.txt").read_text().split():
-            path = f"images/{image_id}.jpg"
-            data = (root / path).read_bytes()
-            cls = image_id.split("/")[0]
-            rows.append({"path": path, "image_id": image_id, "class": cls, "label": names.index(cls),
-                         "split": split, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
-                         "status": "ok"})
-    frame = pd.DataFrame(rows)
-    if repeat > 1:  # more work from the same photos: the same files under repeated rows
-        frame = pd.concat([frame] * repeat, ignore_index=True)
-    return frame
+from tests.conftest import REPO, SAMPLE, make_config, sample_classes, sample_manifest
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from food101.config import ConfigError, load_config
 from food101.io import read_json, write_json
@@ -24,15 +23,6 @@ from tests.report_fixtures import MODEL_SPECS, write_upstream_outputs
 MODEL = "mobilenet_v3_large"
 
 
-@pytest.fixture
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the stages would otherwise take every core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_seeds_below_one_are_refused() -> None:
     with pytest.raises(ConfigError, match="train.seeds must be at least 1"):
         load_config(REPO / "params.yaml", overrides=["train.seeds=0"])
@@ -46,7 +36,7 @@ def test_asking_for_more_seeds_keeps_the_primary_training(tmp_path: Path) -> Non
         make_config(tmp_path, train__seed=1), MODEL, "key")
 
 
-@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.usefixtures("one_thread")
 def test_two_seeds_are_trained_scored_and_summarised(tmp_path: Path) -> None:
     config = make_config(tmp_path, train__overrides={}, train__epochs=1, train__max_steps_per_epoch=2,
                          train__seeds=2, evaluate__latency_runs=3, evaluate__bootstrap_samples=50,

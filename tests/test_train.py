@@ -34,32 +34,15 @@ from tasks.train import (
     train,
     train_step,
 )
-from tests.conftest import SAMPLE, cuda, make_config
+from tests.conftest import SAMPLE, cuda, make_config, sample_classes, sample_manifest
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
 CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the stage would otherwise take every core
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def sample_manifest() -> tuple[pd.DataFrame, dict[str, list[str]]]:
-    """The bundled sample as validate would list it (all photos decodable)."""
-    names = (SAMPLE / "meta" / "classes.txt").read_text().split()
-    display = (SAMPLE / "meta" / "labels.txt").read_text().splitlines()
-    rows = [
-        {"path": f"images/{image_id}.jpg", "image_id": image_id, "label": names.index(image_id.split("/")[0]),
-         "split": split, "status": "ok"}
-        for split in ("train", "test")
-        for image_id in (SAMPLE / "meta" / f"{split}.txt").read_text().split()
-    ]
-    return pd.DataFrame(rows), {"names": names, "display": display}
+def _one_thread(one_thread):
+    """Every test here: one torch thread (the stage would otherwise take every core)."""
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +50,8 @@ def cache_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The real preprocess cache of the sample at the demo profile's 64 px, built once."""
     root = tmp_path_factory.mktemp("train")
     config = make_config(root)
-    manifest, classes = sample_manifest()
-    build_cache(manifest, SAMPLE, classes, config.preprocess, config.paths.cache, workers=1, progress_bar=False)
+    build_cache(sample_manifest(), SAMPLE, sample_classes(), config.preprocess, config.paths.cache,
+                workers=1, progress_bar=False)
     return root
 
 
