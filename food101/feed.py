@@ -2,8 +2,9 @@
 
 The cache already holds decoded, centre-cropped uint8 photos, so a batch costs a gather from a
 memmap and a copy, never a JPEG decode. Rows are gathered with sorted indices (a memmap read in
-file order), into pinned memory on CUDA and copied with `non_blocking`, by a background thread
-that stays `prefetch` batches ahead. The random resized crop and the flip are one batched
+file order), into pinned memory on CUDA and copied with `non_blocking`, by `workers` background
+threads that stay `prefetch` batches ahead each (batch i is made by thread i mod workers, and the
+batches come out in order). The random resized crop and the flip are one batched
 `affine_grid` + `grid_sample` on the device; the normalisation is folded into one multiply-add.
 
 Randomness comes from numpy generators seeded with (seed, epoch[, batch]): the same seed and
@@ -47,6 +48,7 @@ class BatchFeed:
         channels_last: bool = True,
         gpu_resident: bool = False,
         prefetch: int = 2,
+        workers: int = 1,
     ) -> None:
         if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
             raise ValueError(f"images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
@@ -54,6 +56,8 @@ class BatchFeed:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if batch_size < 1 or image_size < 1 or not 0 < min_scale <= 1:
             raise ValueError("batch_size and image_size must be positive and min_scale in (0, 1]")
+        if workers < 1:
+            raise ValueError(f"workers must be at least 1, got {workers}")
         self.images = images
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size = batch_size
@@ -65,6 +69,7 @@ class BatchFeed:
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
         self.prefetch = max(0, prefetch)
+        self.workers = workers
         self.epoch = 0
         self._pin = self.device.type == "cuda"
         # x = (pixel / 255 - mean) / std  ==  pixel * scale + shift
@@ -144,15 +149,21 @@ class BatchFeed:
                              antialias=True, align_corners=False)
 
     def _prefetched(self, batches: list[np.ndarray], epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches made on a background thread, up to `prefetch` ahead of the consumer."""
-        ready: queue.Queue = queue.Queue(maxsize=self.prefetch)
+        """Batches made on `workers` background threads, each up to `prefetch` ahead of the consumer.
+
+        Thread k makes batches k, k + workers, ... into its own queue; the consumer reads the
+        queues in turn, so the order (and, with the seeding per batch, every pixel) is the same
+        whatever the number of threads. The heavy ops release the GIL, so threads overlap.
+        """
         stop = threading.Event()
         finished = object()
+        queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.workers)]
 
-        def produce() -> None:
+        def produce(worker: int) -> None:
+            ready = queues[worker]
             try:
-                for number, rows in enumerate(batches):
-                    item = self._make_batch(rows, epoch, number)
+                for number in range(worker, len(batches), self.workers):
+                    item = self._make_batch(batches[number], epoch, number)
                     while not stop.is_set():
                         try:
                             ready.put(item, timeout=0.1)
@@ -165,23 +176,26 @@ class BatchFeed:
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 ready.put(exc)
 
-        worker = threading.Thread(target=produce, daemon=True, name="batch-feed")
-        worker.start()
+        threads = [threading.Thread(target=produce, args=(k,), daemon=True, name=f"batch-feed-{k}")
+                   for k in range(self.workers)]
+        for thread in threads:
+            thread.start()
         try:
-            while True:
-                item = ready.get()
-                if item is finished:
-                    return
+            for number in range(len(batches)):
+                item = queues[number % self.workers].get()
                 if isinstance(item, BaseException):
                     raise item
+                if item is finished:  # a producer ended early: only after an error, raised above
+                    raise RuntimeError(f"batch-feed thread {number % self.workers} stopped before batch {number}")
                 yield item
         finally:
             stop.set()
-            while worker.is_alive():  # unblock a producer waiting on a full queue
-                try:
-                    ready.get_nowait()
-                except queue.Empty:
-                    worker.join(timeout=0.05)
+            for thread, ready in zip(threads, queues, strict=True):
+                while thread.is_alive():  # unblock a producer waiting on a full queue
+                    try:
+                        ready.get_nowait()
+                    except queue.Empty:
+                        thread.join(timeout=0.05)
 
 
 def crop_thetas(rng: np.random.Generator, batch: int, height: int, width: int, min_scale: float) -> np.ndarray:

@@ -56,9 +56,10 @@ def test_train_batches_have_the_agreed_shapes_and_types(photos) -> None:
 
 
 def test_same_seed_and_epoch_give_the_same_batches_and_epochs_differ(photos) -> None:
-    first, again = batches(feed(photos), epoch=3), batches(feed(photos, prefetch=0), epoch=3)
-    for (x1, y1), (x2, y2) in zip(first, again, strict=True):
-        assert torch.equal(x1, x2) and torch.equal(y1, y2)
+    first = batches(feed(photos), epoch=3)
+    for same in (feed(photos, prefetch=0), feed(photos, workers=3, prefetch=1), feed(photos, workers=2)):
+        for (x1, y1), (x2, y2) in zip(first, batches(same, epoch=3), strict=True):
+            assert torch.equal(x1, x2) and torch.equal(y1, y2)
     other_epoch = batches(feed(photos), epoch=4)
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(first, other_epoch, strict=True))
     assert not torch.equal(first[0][0], other_epoch[0][0])
@@ -122,6 +123,28 @@ def test_stopping_early_and_errors(photos) -> None:
         if number == 1:
             break  # the producer thread must not hang
     assert len(batches(train)) == 11
+    threaded = feed(photos, batch_size=2, prefetch=1, workers=3)
+    for number, _ in enumerate(threaded):
+        if number == 4:
+            break
+    assert len(batches(threaded)) == 11
+
+    class Failing(BatchFeed):
+        def _make_batch(self, rows, epoch, number):
+            if number == 5:
+                raise OSError("disk gone at batch 5")
+            return super()._make_batch(rows, epoch, number)
+
+    images, labels = photos
+    failing = Failing(images, labels, batch_size=2, device="cpu", train=True, image_size=16, mean=MEAN, std=STD,
+                      workers=3)
+    delivered = []
+    with pytest.raises(OSError, match="batch 5"):
+        for x, _y in failing:
+            delivered.append(x)
+    assert len(delivered) == 5  # every batch before the failing one, in order, then the error
+    with pytest.raises(ValueError, match="workers"):
+        BatchFeed(images, labels, batch_size=1, device="cpu", train=True, image_size=8, mean=MEAN, std=STD, workers=0)
     with pytest.raises(ValueError, match="uint8"):
         BatchFeed(np.zeros((2, 8, 8, 3), np.float32), np.zeros(2), batch_size=1, device="cpu", train=True,
                   image_size=8, mean=MEAN, std=STD)
