@@ -6,7 +6,8 @@ resized and centre-cropped in one `resize(box=...)`, and written straight into t
 `.npy` memmap by a worker process, so memory stays flat whatever the dataset size.
 
 Crash safety: everything is written into a staging folder next to the cache, with a progress
-record of finished chunks that is replaced atomically only after a chunk's rows are flushed. A
+record of finished chunks that is replaced atomically only after the parent fsynced a chunk's
+rows (the workers write into the page cache and go on decoding; the disk wait is the parent's). A
 re-run with the same cache key continues the missing chunks (a chunk not in the record is
 rewritten whole, never trusted); the cache appears by rename only when complete. The key hashes
 the manifest rows used and the preprocessing params, so an unchanged input is a no-op and a
@@ -21,6 +22,7 @@ import json
 import logging
 import math
 import multiprocessing
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -51,7 +53,7 @@ CACHE_FORMAT = 1
 # do not leave a core idle (at least CHUNKS_PER_WORKER chunks per worker).
 MAX_CHUNK_SIZE = 256
 MIN_CHUNK_SIZE = 16
-CHUNKS_PER_WORKER = 8
+CHUNKS_PER_WORKER = 16
 PROGRESS_FILE = "progress.json"
 META_FILE = "meta.json"
 INDEX_FILE = "index.parquet"
@@ -183,7 +185,12 @@ def make_chunks(counts: dict[str, int], chunk_size: int) -> list[Chunk]:
 
 
 def _fill_chunk(images_path: str, chunk: Chunk, paths: list[str], resize: int, crop: int) -> str:
-    """Decode a chunk's photos into its rows of the split's memmap, flush, and report its id."""
+    """Decode a chunk's photos into its rows of the split's memmap and report its id.
+
+    The rows land in the page cache, shared with every process that maps the file (a killed
+    worker loses nothing it wrote); the parent makes them durable with an fsync before it
+    records the chunk, so the workers never wait on the disk.
+    """
     images = np.load(images_path, mmap_mode="r+")
     try:
         for offset, path in enumerate(paths):
@@ -194,7 +201,6 @@ def _fill_chunk(images_path: str, chunk: Chunk, paths: list[str], resize: int, c
                     f"cannot decode {path}: {exc}; re-run the validate stage (it quarantines unreadable "
                     "files) or remove the file"
                 ) from exc
-        images.flush()
     finally:
         del images
     return chunk.id
@@ -229,6 +235,15 @@ def _run_chunks(
             for future in done:
                 yield future.result()
                 pending.update(pool.submit(_fill_chunk, *args(c)) for c in _take(queue, 1))
+
+
+def _fsync_file(path: str) -> None:
+    """Write a file's dirty pages (those written through any process's mapping too) to disk."""
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _take(items: Iterator[Chunk], n: int) -> list[Chunk]:
@@ -344,8 +359,9 @@ def build_cache(
     disable_bar = None if progress_bar is None else not progress_bar  # None: on when a terminal
     with tqdm(total=n_todo, unit="img", desc="preprocess", disable=disable_bar) as bar:
         for chunk_id in _run_chunks(todo, paths, images_paths, params.resize, params.crop, workers):
+            # The record names a chunk only once its rows are on disk.
+            _fsync_file(images_paths[chunk_id.split(":")[0]])
             done.add(chunk_id)
-            # The record names a chunk only after the worker flushed its rows.
             write_json(staging / PROGRESS_FILE, {"key": key, "chunk_size": chunk_size, "done": sorted(done)})
             bar.update(sizes[chunk_id])
     seconds = time.perf_counter() - start
