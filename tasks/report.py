@@ -15,10 +15,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import math
 import shutil
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +42,19 @@ from food101.document import (
     render_markdown,
 )
 from food101.environment_info import collect_environment
+from food101.formatting import ci_cell, ci_text, duration, num, pct, point_gap, times_ratio
 from food101.history import trends_path
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_text
+from food101.recommend import (
+    Recommendations,
+    by_accuracy,
+    has_seed_runs,
+    normalise_metrics,
+    pareto_front,
+    recommend,
+    seed_spread_text,
+    significance_text,
+)
 from food101.tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -68,325 +77,6 @@ HEADLINE_KEYS = (
 # With train.seeds > 1: a summary-table column and these keys in summary.json (mean and sd of top-1).
 SEEDS_COLUMN = "top-1 over seeds (mean ± sd)"
 SEED_KEYS = ("n_seeds", "top1_seed_mean", "top1_seed_sd")
-
-
-# --- formatting --------------------------------------------------------------------------------
-
-
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    return DASH if value is None else f"{100 * value:.{digits}f}%"
-
-
-def _num(value: float | None, digits: int = 1, unit: str = "") -> str:
-    if value is None:
-        return DASH
-    return f"{value:,.{digits}f}{unit}"
-
-
-def _points(delta: float) -> str:
-    return f"{100 * abs(delta):.1f} point{'s' if round(100 * abs(delta), 1) != 1 else ''}"
-
-
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return DASH
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 90 * 60:
-        return f"{seconds / 60:.1f} min"
-    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60):02d} min"
-
-
-def _ci(metrics: dict[str, Any], key: str = "top1") -> str:
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    if low is None or high is None:
-        return _pct(metrics.get(key))
-    return f"{_pct(metrics.get(key))} ({100 * low:.1f}–{100 * high:.1f})"
-
-
-def _ci_text(metrics: dict[str, Any], key: str = "top1") -> str:
-    """'82.0% (95% CI 71.4–92.7%)' for prose."""
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    if low is None or high is None:
-        return _pct(metrics.get(key))
-    return f"{_pct(metrics.get(key))} (95% CI {100 * low:.1f}–{100 * high:.1f}%)"
-
-
-def _plural(count: float, word: str) -> str:
-    return f"{count:g} {word}{'' if count == 1 else 's'}"
-
-
-def _ratio(slow: float, fast: float) -> str:
-    return f"{slow / fast:.1f}×" if fast > 0 else "∞×"
-
-
-# --- recommendations (pure) ------------------------------------------------------------------
-
-
-@dataclass
-class Recommendation:
-    rule: str          # best_accuracy | fastest_within_points | best_under_latency_budget | pareto | deploy
-    title: str
-    model: str | None  # None when no model satisfies the rule
-    reason: str
-    models: list[str] = field(default_factory=list)  # the Pareto set, or the candidates considered
-
-
-@dataclass
-class Recommendations:
-    best_accuracy: Recommendation
-    fastest_within: Recommendation
-    under_budget: Recommendation
-    pareto: Recommendation
-    deploy: Recommendation
-
-    def rules(self) -> list[Recommendation]:
-        return [self.best_accuracy, self.fastest_within, self.under_budget, self.pareto]
-
-
-def normalise_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """Accuracy-like metrics as fractions in [0, 1], whatever scale the file used."""
-    out = dict(metrics)
-    for key in ("top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
-                "macro_precision", "macro_recall", "macro_f1"):
-        value = out.get(key)
-        if isinstance(value, (int, float)) and value > 1.0:
-            out[key] = value / 100.0
-    mean = out.get("top1_seed_mean")
-    if isinstance(mean, (int, float)) and mean > 1.0:
-        out["top1_seed_mean"] = mean / 100.0
-        if isinstance(out.get("top1_seed_sd"), (int, float)):
-            out["top1_seed_sd"] = out["top1_seed_sd"] / 100.0
-    return out
-
-
-def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
-    """Models that no other model beats on both cost (lower is better) and accuracy (higher).
-
-    `points` maps model -> (cost, accuracy). The front is returned from cheapest to dearest.
-    """
-    front = []
-    for name, (cost, acc) in points.items():
-        dominated = any(
-            other != name and c <= cost and a >= acc and (c < cost or a > acc)
-            for other, (c, a) in points.items()
-        )
-        if not dominated:
-            front.append(name)
-    return sorted(front, key=lambda m: (points[m][0], -points[m][1], m))
-
-
-def dominated_by(points: dict[str, tuple[float, float]], name: str) -> str | None:
-    """A model that is both cheaper-or-equal and more-or-equally accurate than `name` (not itself)."""
-    cost, acc = points[name]
-    better = [
-        other for other, (c, a) in points.items()
-        if other != name and c <= cost and a >= acc and (c < cost or a > acc)
-    ]
-    return min(better, key=lambda m: (points[m][0], -points[m][1])) if better else None
-
-
-def find_significance(significance: Iterable[dict[str, Any]], a: str, b: str) -> dict[str, Any] | None:
-    """The McNemar result for the pair {a, b}, in either order."""
-    for entry in significance:
-        if {entry.get("a"), entry.get("b")} == {a, b}:
-            return entry
-    return None
-
-
-def _significance_text(significance: list[dict[str, Any]], a: str, b: str) -> str:
-    entry = find_significance(significance, a, b)
-    if entry is None:
-        return ""
-    sentence = str(entry.get("sentence") or "").strip()
-    if not sentence and entry.get("p_value") is not None:
-        verdict = "is" if entry["p_value"] < 0.05 else "is not"
-        sentence = (f"The difference between {entry['a']} and {entry['b']} {verdict} statistically significant "
-                    f"(McNemar's exact test: only {entry['a']} right on {entry.get('n_a_only')} photos, only "
-                    f"{entry['b']} on {entry.get('n_b_only')}, p = {entry['p_value']:.3g}).")
-    return sentence
-
-
-def has_seed_runs(metrics: dict[str, dict[str, Any]]) -> bool:
-    """True when some model was trained with more than one seed (`train.seeds` > 1)."""
-    return any((m.get("n_seeds") or 1) > 1 for m in metrics.values())
-
-
-def _seed_spread_text(metrics: dict[str, dict[str, Any]], a: str, b: str) -> str:
-    """Whether the mean top-1 gap between a and b is larger than their seed-to-seed standard
-    deviation; empty when neither was trained with more than one seed."""
-    sds = [metrics[m]["top1_seed_sd"] for m in (a, b)
-           if (metrics[m].get("n_seeds") or 1) > 1 and metrics[m].get("top1_seed_sd") is not None]
-    if not sds:
-        return ""
-    means = {m: metrics[m]["top1"] if metrics[m].get("top1_seed_mean") is None else metrics[m]["top1_seed_mean"]
-             for m in (a, b)}
-    gap, spread = abs(means[a] - means[b]), max(sds)
-    counts = sorted({int(metrics[m].get("n_seeds") or 1) for m in (a, b)})
-    over = f"Over {counts[0]} training seeds" if len(counts) == 1 else "Over repeated trainings"
-    sd = f"the seed-to-seed standard deviation (up to {100 * spread:.1f} points)"
-    verdict = (f"more than {sd}, so their order does not hinge on the seed" if gap > spread
-               else f"no more than {sd}, so another seed could swap them")
-    return f"{over}, {a} and {b} are {_points(gap)} apart in mean top-1, {verdict}."
-
-
-def _by_accuracy(metrics: dict[str, dict[str, Any]]) -> list[str]:
-    def key(m: str) -> tuple:
-        lat = metrics[m].get("latency_cpu_p50_ms")
-        return (-(metrics[m].get("top1") or 0.0), lat if lat is not None else math.inf, m)
-
-    return sorted(metrics, key=key)
-
-
-def recommend(
-    metrics: dict[str, dict[str, Any]],
-    latency_budget_ms: float,
-    within_points: float,
-    significance: list[dict[str, Any]] | None = None,
-) -> Recommendations:
-    """Apply the report rules to the evaluated models' metrics (top-1 as fractions).
-
-    - best accuracy: the highest top-1 (ties: the faster one);
-    - fastest within N points: among models with top-1 >= best - N points, the lowest median
-      (p50) batch-1 CPU latency;
-    - best under the latency budget: among models whose p95 batch-1 CPU latency is within the
-      budget (a deployment promise is about the slow requests, so the tail counts), the highest top-1;
-    - the Pareto set of top-1 against median CPU latency;
-    - deploy: the best under the budget; when no model meets it, the fastest within N points;
-      without latency measurements, the most accurate.
-    """
-    significance = significance or []
-    if not metrics:
-        empty = Recommendation("none", "No model", None, "No model was evaluated, so there is nothing to recommend.")
-        return Recommendations(empty, empty, empty, empty, empty)
-    ranked = _by_accuracy(metrics)
-    best = ranked[0]
-    best_m = metrics[best]
-    p50 = {m: metrics[m].get("latency_cpu_p50_ms") for m in metrics}
-    p95 = {m: metrics[m].get("latency_cpu_p95_ms") for m in metrics}
-
-    # Best accuracy, with how sure we are about the ranking of the top two.
-    n_test = best_m.get("n_test")
-    on = f" on {int(n_test):,} test photos" if n_test else ""
-    reason = f"**{best}** has the highest top-1 accuracy: {_ci_text(best_m)}{on}."
-    if len(ranked) > 1:
-        second = ranked[1]
-        gap = best_m["top1"] - metrics[second]["top1"]
-        reason += f" The runner-up, **{second}**, scores {_pct(metrics[second]['top1'])}, {_points(gap)} lower."
-        sentence = _significance_text(significance, best, second)
-        if sentence:
-            reason += f" {sentence}"
-        elif None not in (best_m.get("top1_ci_low"), metrics[second].get("top1_ci_high")):
-            overlap = best_m["top1_ci_low"] <= metrics[second]["top1_ci_high"]
-            reason += (" Their confidence intervals overlap, so this test set alone does not settle which is better."
-                       if overlap else " Their confidence intervals do not overlap.")
-        spread = _seed_spread_text(metrics, best, second)
-        if spread:
-            reason += f" {spread}"
-    else:
-        reason += " It is the only model evaluated."
-    best_rec = Recommendation("best_accuracy", "Best accuracy", best, reason, ranked)
-
-    # Fastest within N points of the best.
-    threshold = best_m["top1"] - within_points / 100.0
-    near = [m for m in ranked if metrics[m]["top1"] >= threshold - 1e-12]
-    timed = [m for m in near if p50[m] is not None]
-    if not timed:
-        fastest_rec = Recommendation(
-            "fastest_within_points", f"Fastest within {_plural(within_points, 'point')} of the best", None,
-            "No CPU latency was measured for the models near the best, so speed cannot be compared.", near)
-    else:
-        fastest = min(timed, key=lambda m: (p50[m], -metrics[m]["top1"], m))
-        lead = (f"Models within {_plural(within_points, 'top-1 point')} of the best "
-                f"(top-1 ≥ {_pct(threshold)}, `report.within_points`): {', '.join(near)}.")
-        if fastest == best:
-            reason = (f"{lead} **{best}** is itself the fastest of these ({_num(p50[best], 1, ' ms')} median "
-                      "batch-1 CPU latency), so no accuracy needs to be traded for speed.")
-        else:
-            reason = (f"{lead} The fastest of them is **{fastest}**: {_num(p50[fastest], 1, ' ms')} median "
-                      f"batch-1 CPU latency")
-            if p50[best] is not None:
-                reason += f", {_ratio(p50[best], p50[fastest])} faster than {best} ({_num(p50[best], 1, ' ms')})"
-            reason += f", for {_points(best_m['top1'] - metrics[fastest]['top1'])} less top-1 " \
-                      f"({_pct(metrics[fastest]['top1'])})."
-            sentence = _significance_text(significance, best, fastest)
-            if sentence:
-                reason += f" {sentence}"
-        fastest_rec = Recommendation("fastest_within_points",
-                                     f"Fastest within {_plural(within_points, 'point')} of the best",
-                                     fastest, reason, near)
-
-    # Best under the latency budget (p95).
-    budget_title = f"Best under the {latency_budget_ms:g} ms CPU latency budget"
-    timed95 = [m for m in ranked if p95[m] is not None]
-    fits = [m for m in ranked if p95[m] is not None and p95[m] <= latency_budget_ms]
-    lead = (f"Budget: {latency_budget_ms:g} ms batch-1 CPU latency at the 95th percentile "
-            "(`report.latency_budget_ms`).")
-    if not timed95:
-        budget_rec = Recommendation("best_under_latency_budget", budget_title, None,
-                                    f"{lead} No CPU latency was measured, so the budget cannot be checked.", [])
-    elif not fits:
-        quickest = min(timed95, key=lambda m: p95[m])
-        budget_rec = Recommendation(
-            "best_under_latency_budget", budget_title, None,
-            f"{lead} **No model meets it.** The quickest, {quickest}, needs {_num(p95[quickest], 1, ' ms')} "
-            f"p95 ({_ratio(p95[quickest], latency_budget_ms)} the budget). A smaller model, a lower input "
-            "resolution or a GPU would be needed.", [])
-    else:
-        chosen = fits[0]  # ranked by accuracy
-        listed = ", ".join(f"{m} ({_num(p95[m], 1, ' ms')})" for m in fits)
-        reason = (f"{lead} Models within it: {listed}. The most accurate of them is **{chosen}** with "
-                  f"{_ci_text(metrics[chosen])} top-1.")
-        if chosen != best:
-            reason += f" That is {_points(best_m['top1'] - metrics[chosen]['top1'])} below {best}"
-            reason += (f", which needs {_num(p95[best], 1, ' ms')} p95 "
-                       f"({_ratio(p95[best], latency_budget_ms)} the budget)." if p95[best] is not None else ".")
-            # What a slightly bigger budget would buy: the next more accurate model, cheapest first.
-            better = [m for m in timed95 if metrics[m]["top1"] > metrics[chosen]["top1"]]
-            if better:
-                nxt = min(better, key=lambda m: (p95[m], -metrics[m]["top1"]))
-                reason += (f" If the budget could stretch to {_num(p95[nxt], 0, ' ms')}, {nxt} would add "
-                           f"{_points(metrics[nxt]['top1'] - metrics[chosen]['top1'])}.")
-            sentence = _significance_text(significance, best, chosen)
-            if sentence:
-                reason += f" {sentence}"
-        else:
-            reason += " It is also the most accurate model overall."
-        budget_rec = Recommendation("best_under_latency_budget", budget_title, chosen, reason, fits)
-
-    # Pareto set on accuracy vs median CPU latency.
-    points = {m: (p50[m], metrics[m]["top1"]) for m in metrics if p50[m] is not None}
-    if not points:
-        pareto_rec = Recommendation("pareto", "Pareto set (accuracy vs latency)", None,
-                                    "No CPU latency was measured, so there is no accuracy/latency trade-off to show.")
-    else:
-        front = pareto_front(points)
-        listed = ", ".join(f"{m} ({_num(points[m][0], 1, ' ms')}, {_pct(points[m][1])})" for m in front)
-        reason = (f"No other model is both faster (median batch-1 CPU latency) and more accurate than these: "
-                  f"{listed}. Each one is the right choice for some latency budget; moving along the set trades "
-                  "speed for accuracy.")
-        beaten = [m for m in points if m not in front]
-        if beaten:
-            reason += " Dominated: " + "; ".join(
-                f"{m} is slower and less accurate than {dominated_by(points, m)}" for m in beaten) + "."
-        else:
-            reason += " No model is dominated."
-        pareto_rec = Recommendation("pareto", "Pareto set (accuracy vs latency)", front[0], reason, front)
-
-    # The one answer for the executive summary.
-    if budget_rec.model is not None:
-        deploy = Recommendation("deploy", "Deploy", budget_rec.model,
-                                f"the most accurate model that meets the {latency_budget_ms:g} ms p95 CPU "
-                                "latency budget", [budget_rec.model])
-    elif fastest_rec.model is not None:
-        deploy = Recommendation("deploy", "Deploy", fastest_rec.model,
-                                f"no model meets the {latency_budget_ms:g} ms latency budget, so the fastest model "
-                                f"within {within_points:g} top-1 points of the best", [fastest_rec.model])
-    else:
-        deploy = Recommendation("deploy", "Deploy", best, "the most accurate model (no CPU latency was measured)",
-                                [best])
-    return Recommendations(best_rec, fastest_rec, budget_rec, pareto_rec, deploy)
 
 
 # --- inputs: the files the other stages wrote -------------------------------------------------
@@ -591,7 +281,7 @@ def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[d
     if seeds:
         headers.insert(2, SEEDS_COLUMN)
     rows, records = [], []
-    for model in _by_accuracy(inputs.metrics):
+    for model in by_accuracy(inputs.metrics):
         m = inputs.metrics[model]
         t = inputs.train.get(model, {})
         train_time = m.get("train_time_s", t.get("train_time_s"))
@@ -599,11 +289,11 @@ def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[d
         params = m.get("params", t.get("params"))
         name = f"**{model}** (deploy)" if model == recs.deploy.model else model
         rows.append([
-            name, _ci(m).replace("%", ""), _num(_scaled(m.get("top5")), 1), _num(m.get("macro_f1"), 3),
-            _num(m.get("ece"), 3), _duration(train_time), _num(train_ips, 0),
+            name, ci_cell(m).replace("%", ""), num(_scaled(m.get("top5")), 1), num(m.get("macro_f1"), 3),
+            num(m.get("ece"), 3), duration(train_time), num(train_ips, 0),
             _pair(m.get("latency_cpu_p50_ms"), m.get("latency_cpu_p95_ms"), 1),
             _pair(m.get("latency_gpu_p50_ms"), m.get("latency_gpu_p95_ms"), 2),
-            _num(params / 1e6 if params else None, 1), _num(m.get("size_mb"), 1), _num(m.get("gflops"), 2),
+            num(params / 1e6 if params else None, 1), num(m.get("size_mb"), 1), num(m.get("gflops"), 2),
         ])
         records.append({"model": model, "status": "ok", **{k: m.get(k) for k in HEADLINE_KEYS}})
         if seeds:
@@ -626,7 +316,7 @@ def _seed_cell(metrics: dict[str, Any]) -> str:
 def _pair(first: float | None, second: float | None, digits: int) -> str:
     if first is None and second is None:
         return DASH
-    return f"{_num(first, digits)} / {_num(second, digits)}"
+    return f"{num(first, digits)} / {num(second, digits)}"
 
 
 def _scaled(value: float | None) -> float | None:
@@ -728,31 +418,31 @@ def _executive_summary(config: Config, inputs: Inputs, recs: Recommendations, n_
     m = metrics[chosen]
     best = recs.best_accuracy.model
     n_test = m.get("n_test")
-    text = f"**Deploy {chosen}.** It is {recs.deploy.reason}: {_ci_text(m)} top-1 accuracy"
+    text = f"**Deploy {chosen}.** It is {recs.deploy.reason}: {ci_text(m)} top-1 accuracy"
     text += f" on {int(n_test):,} test photos" if n_test else ""
     text += f" of {n_classes} food classes" if n_classes else ""
     if m.get("latency_cpu_p50_ms") is not None:
-        text += (f", answering in {_num(m['latency_cpu_p50_ms'], 1, ' ms')} (median; p95 "
-                 f"{_num(m.get('latency_cpu_p95_ms'), 1, ' ms')}) per photo on the CPU")
+        text += (f", answering in {num(m['latency_cpu_p50_ms'], 1, ' ms')} (median; p95 "
+                 f"{num(m.get('latency_cpu_p95_ms'), 1, ' ms')}) per photo on the CPU")
     text += "."
     if best != chosen:
         b = metrics[best]
-        text += (f" The most accurate model, {best}, reaches {_pct(b['top1'])} ({_points(b['top1'] - m['top1'])} "
+        text += (f" The most accurate model, {best}, reaches {pct(b['top1'])} ({point_gap(b['top1'] - m['top1'])} "
                  f"more)")
         if b.get("latency_cpu_p50_ms") and m.get("latency_cpu_p50_ms"):
-            text += f" but is {_ratio(b['latency_cpu_p50_ms'], m['latency_cpu_p50_ms'])} slower"
+            text += f" but is {times_ratio(b['latency_cpu_p50_ms'], m['latency_cpu_p50_ms'])} slower"
         text += "."
-        sentence = _significance_text(inputs.significance, best, chosen)
+        sentence = significance_text(inputs.significance, best, chosen)
         if sentence:
             text += f" {sentence}"
     elif len(metrics) > 1:
-        second = _by_accuracy(metrics)[1]
-        sentence = _significance_text(inputs.significance, chosen, second)
-        text += f" It is also the most accurate model; {second} follows at {_pct(metrics[second]['top1'])}."
+        second = by_accuracy(metrics)[1]
+        sentence = significance_text(inputs.significance, chosen, second)
+        text += f" It is also the most accurate model; {second} follows at {pct(metrics[second]['top1'])}."
         if sentence:
             text += f" {sentence}"
     if len(metrics) > 1:
-        spread = _seed_spread_text(metrics, *_by_accuracy(metrics)[:2])
+        spread = seed_spread_text(metrics, *by_accuracy(metrics)[:2])
         if spread:
             text += f" {spread}"
     worst = _worst_classes(inputs, chosen, 3)
@@ -770,7 +460,7 @@ def _worst_classes(inputs: Inputs, model: str, k: int) -> list[str]:
     if table is None or "accuracy" not in table:
         return []
     rows = table.sort_values(["accuracy", "class"]).head(k)
-    return [f"{_class_label(inputs, r)} ({_pct(_frac(r['accuracy']), 0)})" for _, r in rows.iterrows()]
+    return [f"{_class_label(inputs, r)} ({pct(_frac(r['accuracy']), 0)})" for _, r in rows.iterrows()]
 
 
 def _frac(value: float) -> float:
@@ -812,7 +502,7 @@ def _tradeoffs_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
                            "(bars on the diagonal). ECE summarises the gap."))
         blocks.append(Row([
             Figure(plots[key], f"{key.removeprefix('reliability_')}: reliability diagram (ECE "
-                   f"{_num(inputs.metrics[key.removeprefix('reliability_')].get('ece'), 3)}).")
+                   f"{num(inputs.metrics[key.removeprefix('reliability_')].get('ece'), 3)}).")
             for key in calibration]))
     return Section("accuracy-vs-cost", "Accuracy vs cost", blocks)
 
@@ -825,7 +515,7 @@ def _learning_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
         t = inputs.train.get(model, {})
         label = f"{model} (failed)" if model in inputs.failures else model
         rows.append([label, str(t.get("epochs_run", len(frame))), str(t.get("best_epoch", DASH)),
-                     _pct(_frac(t["best_val_top1"])) if t.get("best_val_top1") is not None else DASH,
+                     pct(_frac(t["best_val_top1"])) if t.get("best_val_top1") is not None else DASH,
                      str(t.get("device", DASH)), str(t.get("pretrained", DASH))])
     return Section("learning-curves", "Learning curves", [
         Para("Loss and top-1 accuracy per epoch on the training data (dashed) and the validation split "
@@ -839,7 +529,7 @@ def _learning_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
 def _classes_section(inputs: Inputs) -> Section:
     blocks: list[Any] = []
     worst_sets = []
-    for model in _by_accuracy(inputs.metrics):
+    for model in by_accuracy(inputs.metrics):
         table = inputs.per_class.get(model)
         if table is None or "accuracy" not in table:
             continue
@@ -850,8 +540,8 @@ def _classes_section(inputs: Inputs) -> Section:
         worst_sets.append({str(r["class"]) for _, r in worst_rows})
         rows = []
         for (_, b), (_, w) in zip(best_rows, worst_rows, strict=True):
-            rows.append([_class_label(inputs, b), _pct(_frac(b["accuracy"]), 0), _f1(b),
-                         _class_label(inputs, w), _pct(_frac(w["accuracy"]), 0), _f1(w)])
+            rows.append([_class_label(inputs, b), pct(_frac(b["accuracy"]), 0), _f1(b),
+                         _class_label(inputs, w), pct(_frac(w["accuracy"]), 0), _f1(w)])
         blocks.append(Heading(model))
         blocks.append(Table(["best class", "accuracy", "F1", "worst class", "accuracy", "F1"], rows))
     if not blocks:
@@ -866,7 +556,7 @@ def _classes_section(inputs: Inputs) -> Section:
 
 
 def _f1(row: pd.Series) -> str:
-    return _num(float(row["f1"]), 2) if "f1" in row and pd.notna(row["f1"]) else DASH
+    return num(float(row["f1"]), 2) if "f1" in row and pd.notna(row["f1"]) else DASH
 
 
 def _pair_rows(inputs: Inputs, frame: pd.DataFrame, limit: int) -> list[list[str]]:
@@ -875,7 +565,7 @@ def _pair_rows(inputs: Inputs, frame: pd.DataFrame, limit: int) -> list[list[str
         rate = r.get("rate")
         rows.append([inputs.display(str(r["true"])), inputs.display(str(r["predicted"])),
                      str(int(r["count"])) if "count" in r and pd.notna(r["count"]) else DASH,
-                     _pct(_frac(float(rate))) if rate is not None and pd.notna(rate) else DASH])
+                     pct(_frac(float(rate))) if rate is not None and pd.notna(rate) else DASH])
     return rows
 
 
@@ -884,7 +574,7 @@ def _confusion_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
         "The confusion matrices are row-normalised (each row is a true class; a dark cell off "
         "the diagonal is a frequent mistake) and ordered so that classes confused with each other sit together. "
         "Click a large image to see it at full size.")]
-    for model in _by_accuracy(inputs.metrics):
+    for model in by_accuracy(inputs.metrics):
         blocks.append(Heading(model))
         row = []
         if f"matrix_{model}" in plots:
@@ -926,7 +616,7 @@ def _confusion_section(inputs: Inputs, plots: dict[str, Path]) -> Section:
     blocks.append(Heading("Are the differences real?"))
     if inputs.significance:
         blocks.append(Para("McNemar's exact test on the same test photos, for every pair of models:"))
-        blocks.append(Bullets([_significance_text([e], e["a"], e["b"]) for e in inputs.significance]))
+        blocks.append(Bullets([significance_text([e], e["a"], e["b"]) for e in inputs.significance]))
     else:
         blocks.append(Para("No significance tests were found (significance.json)."))
     return Section("where-the-models-fail", "Where the models fail", blocks)
@@ -1223,7 +913,4 @@ def read_summary(config: Config) -> dict[str, Any]:
     return read_json(path)
 
 
-__all__ = [
-    "Recommendation", "Recommendations", "load_inputs", "pareto_front", "recommend", "read_summary",
-    "report", "build_report", "in_prefect_run", "write_report_files",
-]
+__all__ = ["load_inputs", "read_summary", "report", "build_report", "in_prefect_run", "write_report_files"]

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tasks.report import pareto_front, recommend, report
+from food101.recommend import pareto_front, recommend
+from tasks.report import report
 from tests.conftest import make_config
 from tests.report_fixtures import MODEL_SPECS, write_upstream_outputs
 

@@ -10,11 +10,12 @@ import pytest
 
 from food101.config import ConfigError, load_config
 from food101.io import read_json, write_json
+from food101.recommend import recommend
 from food101.tracking import client_for, experiment_id
 from tasks.download import download
 from tasks.evaluate import eval_dir, evaluate, read_metrics, read_seeds
 from tasks.preprocess import preprocess
-from tasks.report import SEEDS_COLUMN, recommend, report
+from tasks.report import SEEDS_COLUMN, report
 from tasks.train import model_dir, read_train_summary, replica_dir, train, training_hash
 from tasks.validate import validate
 from tests.conftest import REPO, make_config
