@@ -6,8 +6,9 @@ resized and centre-cropped in one `resize(box=...)`, and written straight into t
 `.npy` memmap by a worker process, so memory stays flat whatever the dataset size.
 
 Crash safety: everything is written into a staging folder next to the cache, with a progress
-record of finished chunks that is replaced atomically only after the parent fsynced a chunk's
-rows (the workers write into the page cache and go on decoding; the disk wait is the parent's). A
+record of finished chunks that is replaced atomically only after the parent fsynced their rows
+(the workers write into the page cache and go on decoding; the disk wait is the parent's, once
+per SYNC_INTERVAL_S for the chunks finished meanwhile). A
 re-run with the same cache key continues the missing chunks (a chunk not in the record is
 rewritten whole, never trusted); the cache appears by rename only when complete. The key hashes
 the manifest rows used and the preprocessing params, so an unchanged input is a no-op and a
@@ -55,6 +56,9 @@ MAX_CHUNK_SIZE = 256
 MIN_CHUNK_SIZE = 16
 CHUNKS_PER_WORKER = 16
 PROGRESS_FILE = "progress.json"
+# Finished chunks are made durable (fsync) and recorded at most this often: a kill loses at most
+# this much work beyond the chunks in flight, and the disk sees a few large flushes, not many small.
+SYNC_INTERVAL_S = 0.5
 META_FILE = "meta.json"
 INDEX_FILE = "index.parquet"
 RUN_STAGE_HINT = "run the preprocess stage first: food101 stage preprocess"
@@ -237,6 +241,18 @@ def _run_chunks(
                 pending.update(pool.submit(_fill_chunk, *args(c)) for c in _take(queue, 1))
 
 
+def _record_done(staging: Path, images_paths: dict[str, str], unsynced: list[str], done: set[str],
+                 key: str, chunk_size: int) -> None:
+    """fsync the files the `unsynced` chunks wrote, then add them to the progress record."""
+    if not unsynced:
+        return
+    for split in sorted({chunk_id.split(":")[0] for chunk_id in unsynced}):
+        _fsync_file(images_paths[split])
+    done.update(unsynced)
+    unsynced.clear()
+    write_json(staging / PROGRESS_FILE, {"key": key, "chunk_size": chunk_size, "done": sorted(done)})
+
+
 def _fsync_file(path: str) -> None:
     """Write a file's dirty pages (those written through any process's mapping too) to disk."""
     fd = os.open(path, os.O_RDWR)
@@ -358,12 +374,15 @@ def build_cache(
     start = time.perf_counter()
     disable_bar = None if progress_bar is None else not progress_bar  # None: on when a terminal
     with tqdm(total=n_todo, unit="img", desc="preprocess", disable=disable_bar) as bar:
+        unsynced: list[str] = []
+        last_sync = time.monotonic()
         for chunk_id in _run_chunks(todo, paths, images_paths, params.resize, params.crop, workers):
-            # The record names a chunk only once its rows are on disk.
-            _fsync_file(images_paths[chunk_id.split(":")[0]])
-            done.add(chunk_id)
-            write_json(staging / PROGRESS_FILE, {"key": key, "chunk_size": chunk_size, "done": sorted(done)})
+            unsynced.append(chunk_id)
             bar.update(sizes[chunk_id])
+            if time.monotonic() - last_sync >= SYNC_INTERVAL_S:
+                _record_done(staging, images_paths, unsynced, done, key, chunk_size)
+                last_sync = time.monotonic()
+        _record_done(staging, images_paths, unsynced, done, key, chunk_size)
     seconds = time.perf_counter() - start
 
     meta = {"key": key, "classes": list(classes["names"]), "display": list(classes.get("display", [])),
