@@ -30,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.train_throughput import NUM_CLASSES, _sync  # noqa: E402
 from food101.config import load_config  # noqa: E402
 from food101.devices import configure_cpu_threads, resolve_device  # noqa: E402
+from food101.engine import make_trainer, train_step  # noqa: E402
 from food101.models import build_model  # noqa: E402
-from tasks.train import make_trainer, train_step  # noqa: E402
 
 
 def make_step(arch: str, recipe, device: torch.device, batch: int, size: int):

@@ -1,7 +1,7 @@
 """Training images/s: the pipeline's training step against a plain PyTorch loop, same run.
 
 For each model: the same weights, batch, image size and in-memory data, timed after warm-up
-steps. The pipeline's step is `tasks.train.train_step` built by `make_trainer` from the
+steps. The pipeline's step is `food101.engine.train_step` built by `make_trainer` from the
 configured recipe (channels_last, bf16 autocast and the fused optimizer on CUDA, the LR schedule,
 label smoothing); the baseline is fp32, NCHW, `torch.optim.SGD` and a bare loop. `ratio` is
 pipeline / baseline (target >= 0.95 on the CPU). On CUDA it also measures the pipeline at the
@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from food101.config import load_config  # noqa: E402
 from food101.devices import configure_cpu_threads, resolve_device  # noqa: E402
+from food101.engine import make_trainer, train_step  # noqa: E402
 from food101.models import build_model  # noqa: E402
-from tasks.train import make_trainer, train_step  # noqa: E402
 
 NUM_CLASSES = 101
 

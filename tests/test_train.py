@@ -16,24 +16,11 @@ from torch import nn
 
 from food101.config import ConfigError
 from food101.devices import resolve_device, slot_devices, training_slot
+from food101.engine import EpochEnd, TrainingDiverged, evaluate_batches, fit, lr_factor, make_trainer, train_step
 from food101.feed import BatchFeed
 from food101.models import build_model, normalization
 from tasks.preprocess import build_cache, open_cache
-from tasks.train import (
-    EpochEnd,
-    TrainingDiverged,
-    evaluate_batches,
-    fit,
-    load_checkpoint,
-    load_trained_model,
-    lr_factor,
-    make_trainer,
-    read_history,
-    read_train_summary,
-    save_checkpoint,
-    train,
-    train_step,
-)
+from tasks.train import load_checkpoint, load_trained_model, read_history, read_train_summary, save_checkpoint, train
 from tests.conftest import SAMPLE, cuda, make_config, sample_classes, sample_manifest
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
