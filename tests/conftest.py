@@ -125,15 +125,6 @@ def prefect_harness():
         yield
 
 
-def has_cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-cuda = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
-
-
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory, prefect_harness):
     """One real demo benchmark (the whole flow on the sample) shared by every test that inspects it."""

@@ -150,20 +150,6 @@ def test_stopping_early_and_errors(photos) -> None:
                   image_size=8, mean=MEAN, std=STD)
 
 
-@pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu(photos) -> None:
-    cpu = batches(feed(photos, train=False, image_size=48))
-    for resident in (False, True):
-        gpu = batches(feed(photos, train=False, image_size=48, device="cuda", gpu_resident=resident))
-        for (x1, y1), (x2, y2) in zip(cpu, gpu, strict=True):
-            assert x2.device.type == "cuda"
-            torch.testing.assert_close(x1, x2.cpu(), atol=1e-5, rtol=0)
-            assert torch.equal(y1, y2.cpu())
-    train = batches(feed(photos, device="cuda"))
-    assert train[0][0].shape == (8, 3, 32, 32) and train[0][0].device.type == "cuda"
-
-
 def test_axis_aligned_grid_equals_affine_grid() -> None:
     theta = torch.from_numpy(crop_thetas(np.random.default_rng(1), 16, 40, 56, 0.25))
     expected = torch.nn.functional.affine_grid(theta, [16, 3, 24, 24], align_corners=False)

@@ -21,7 +21,7 @@ from food101.feed import BatchFeed
 from food101.models import build_model, normalization
 from tasks.preprocess import build_cache, open_cache
 from tasks.train import load_checkpoint, load_trained_model, read_history, read_train_summary, save_checkpoint, train
-from tests.conftest import SAMPLE, cuda, make_config, sample_classes, sample_manifest
+from tests.conftest import SAMPLE, make_config, sample_classes, sample_manifest
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
 CPU = torch.device("cpu")
@@ -287,22 +287,3 @@ def test_asking_for_cuda_without_a_gpu_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="no CUDA GPU"):
         resolve_device("cuda")
     assert resolve_device("auto") == CPU
-
-
-@cuda
-def test_bf16_channels_last_step_matches_fp32(demo) -> None:
-    config = demo()
-    recipe = dataclasses.replace(config.train.for_model("resnet50"), channels_last=True)
-    torch.manual_seed(0)
-    x, y = torch.randn(16, 3, 64, 64), torch.randint(0, 5, (16,))
-    model = build_model("resnet50", 5, pretrained=False)
-    reference = build_model("resnet50", 5, pretrained=False)
-    reference.load_state_dict(model.state_dict())
-    device = torch.device("cuda")
-    fast = make_trainer(model, recipe, device, 10)
-    assert fast.amp
-    plain = make_trainer(reference, dataclasses.replace(recipe, channels_last=False), device, 10)
-    plain.amp = False
-    fast_loss, _ = train_step(fast, x, y)
-    plain_loss, _ = train_step(plain, x, y)
-    assert float(fast_loss) == pytest.approx(float(plain_loss), rel=0.05)
