@@ -157,8 +157,11 @@ import json, sys
 from pathlib import Path
 import pandas as pd
 from food101.config import PreprocessConfig
+import tasks.preprocess
 from tasks.preprocess import build_cache
 args = json.loads(sys.argv[1])
+# Records every 50 ms: however fast this machine decodes, some appear before the run could end.
+tasks.preprocess.SYNC_INTERVAL_S = 0.05
 build_cache(pd.read_parquet(args["manifest"]), Path(args["root"]), args["classes"],
             PreprocessConfig(**args["params"]), Path(args["out"]), chunk_size=args["chunk_size"],
             workers=2, progress_bar=False)
