@@ -13,12 +13,13 @@ import pandas as pd
 import pytest
 import torch
 from torch import nn
+from torchvision.models import get_model
 
 from food101.config import ConfigError
 from food101.devices import resolve_device, slot_devices, training_slot
 from food101.engine import EpochEnd, TrainingDiverged, evaluate_batches, fit, lr_factor, make_trainer, train_step
 from food101.feed import BatchFeed
-from food101.models import build_model, normalization
+from food101.models import build_model, classifier_head, expected_weights_path, normalization, pretrained_weights
 from tasks.preprocess import build_cache, open_cache
 from tasks.train import load_checkpoint, load_trained_model, read_history, read_train_summary, save_checkpoint, train
 from tests.conftest import SAMPLE, make_config, sample_classes, sample_manifest
@@ -245,6 +246,51 @@ def test_stage_resumes_from_its_checkpoint_only_when_the_configuration_matches(d
     other = demo(train__epochs=1, models=[arch])
     assert train.fn(other, arch)["epochs_run"] == 1
     assert read_train_summary(other, arch)["resumed_from_epoch"] == 0
+
+
+def test_head_only_first_epoch_leaves_the_backbone_untouched(demo) -> None:
+    """train.freeze_backbone_epochs: 1 trains the new head alone first, then the whole network."""
+    config = demo()
+    cache = open_cache(config)
+    recipe = dataclasses.replace(config.train.for_model("mobilenet_v3_large"), epochs=2, freeze_backbone_epochs=1,
+                                 early_stopping_patience=0)
+    torch.manual_seed(0)
+    source = feed(cache, "train", train=True, rows=slice(0, 64))
+    trainer = make_trainer(build_model("mobilenet_v3_large", len(cache.classes), pretrained=False), recipe, CPU,
+                           len(source), label="m")
+    head_name = classifier_head(trainer.model)[0]
+    start = {k: v.clone() for k, v in trainer.model.named_parameters()}
+    after: list[dict[str, torch.Tensor]] = []
+    fit(trainer, source, feed(cache, "val", train=False), recipe, steps_per_epoch=len(source),
+        on_epoch_end=lambda end: after.append({k: v.clone() for k, v in end.checkpoint["model"].items()}))
+
+    def moved(state: dict[str, torch.Tensor], head: bool) -> list[str]:
+        return [k for k in start if k.startswith(head_name + ".") == head and not torch.equal(state[k], start[k])]
+
+    assert moved(after[0], head=True) and not moved(after[0], head=False)  # epoch 1: the head alone
+    assert moved(after[1], head=False)  # epoch 2: the backbone trains too
+    assert all(p.requires_grad for p in trainer.model.parameters())
+
+
+def test_stage_fine_tunes_the_weights_in_torch_home(demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.pretrained: the stage starts from the file torch.hub would use, normalised as its
+    weights ask, and a few small steps later the backbone is still that file's."""
+    arch = "mobilenet_v3_large"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    torch.manual_seed(7)
+    saved = get_model(arch).state_dict()
+    path = expected_weights_path(pretrained_weights(arch))
+    path.parent.mkdir(parents=True)
+    torch.save(saved, path)
+    config = demo(models=[arch], train__pretrained=True, train__epochs=1, train__max_steps_per_epoch=2,
+                  train__optimizer="sgd", train__lr=0.001)
+    train.fn(config, arch)
+    net, meta = load_trained_model(config, arch)
+    assert (tuple(meta["mean"]), tuple(meta["std"])) == normalization(arch, pretrained=True)
+    first_conv = "features.0.0.weight"
+    tuned, fresh = net.state_dict()[first_conv], get_model(arch).state_dict()[first_conv]
+    assert torch.allclose(tuned, saved[first_conv], atol=1e-2)  # two steps at lr 0.001 barely move it
+    assert not torch.allclose(fresh, saved[first_conv], atol=1e-2)  # and random weights are far from it
 
 
 def test_a_diverging_model_is_marked_failed_in_train_json(demo) -> None:
