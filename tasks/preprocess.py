@@ -376,13 +376,15 @@ def build_cache(
     with tqdm(total=n_todo, unit="img", desc="preprocess", disable=disable_bar) as bar:
         unsynced: list[str] = []
         last_sync = time.monotonic()
-        for chunk_id in _run_chunks(todo, paths, images_paths, params.resize, params.crop, workers):
-            unsynced.append(chunk_id)
-            bar.update(sizes[chunk_id])
-            if time.monotonic() - last_sync >= SYNC_INTERVAL_S:
-                _record_done(staging, images_paths, unsynced, done, key, chunk_size)
-                last_sync = time.monotonic()
-        _record_done(staging, images_paths, unsynced, done, key, chunk_size)
+        try:
+            for chunk_id in _run_chunks(todo, paths, images_paths, params.resize, params.crop, workers):
+                unsynced.append(chunk_id)
+                bar.update(sizes[chunk_id])
+                if time.monotonic() - last_sync >= SYNC_INTERVAL_S:
+                    _record_done(staging, images_paths, unsynced, done, key, chunk_size)
+                    last_sync = time.monotonic()
+        finally:  # after a bad photo or Ctrl-C too: the chunks that did finish are kept for the re-run
+            _record_done(staging, images_paths, unsynced, done, key, chunk_size)
     seconds = time.perf_counter() - start
 
     meta = {"key": key, "classes": list(classes["names"]), "display": list(classes.get("display", [])),

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tasks.preprocess import (
     CacheNotReadyError,
+    PreprocessError,
     build_cache,
     load_cache,
     load_image,
@@ -202,6 +203,36 @@ def test_sigkill_midway_then_rerun_gives_the_same_bytes(tmp_path: Path, params) 
 
     clean = build_cache(manifest, SAMPLE, sample_classes(), params, tmp_path / "clean", chunk_size=8, workers=1)
     assert clean["key"] == resumed["key"]
+    assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
+
+
+def test_a_photo_broken_after_validation_stops_the_build_and_keeps_the_finished_chunks(
+        tmp_path: Path, params) -> None:
+    """A photo that no longer decodes: a clear error naming it, the chunks before it recorded as
+    done, and once the file is back the re-run decodes only what is missing, to the same bytes."""
+    root = tmp_path / "sample"
+    (root / "images").mkdir(parents=True)
+    manifest = sample_manifest()
+    plan = plan_cache(manifest, params.val_fraction, params.seed)
+    broken = plan.iloc[-1]["path"]  # the last row of the last split: every chunk before it can finish
+    for rel in manifest["path"]:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel == broken:
+            (root / rel).write_bytes(b"not a jpeg")
+        else:
+            os.link(SAMPLE / rel, root / rel)
+    out = tmp_path / "cache"
+    with pytest.raises(PreprocessError, match=f"cannot decode .*{Path(broken).name}.*validate"):
+        build_cache(manifest, root, sample_classes(), params, out, chunk_size=8, workers=1)
+    record = json.loads((staging_path(out) / "progress.json").read_text())
+    n_chunks = sum(-(-n // 8) for n in plan["split"].value_counts())
+    assert len(record["done"]) == n_chunks - 1 and not out.exists()
+
+    (root / broken).unlink()
+    os.link(SAMPLE / broken, root / broken)
+    resumed = build_cache(manifest, root, sample_classes(), params, out, chunk_size=8, workers=1)
+    assert resumed["chunks_resumed"] == n_chunks - 1 and resumed["images"] <= 8
+    build_cache(manifest, SAMPLE, sample_classes(), params, tmp_path / "clean", chunk_size=8, workers=1)
     assert folder_bytes(out) == folder_bytes(tmp_path / "clean")
 
 
