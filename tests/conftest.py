@@ -91,6 +91,20 @@ def sample_manifest(root: Path = SAMPLE, repeat: int = 1):
     return pd.concat([frame] * repeat, ignore_index=True) if repeat > 1 else frame
 
 
+def assert_overfits_one_batch(trainer, x, y, max_steps: int = 60) -> None:
+    """Train on the one batch (x, y) until the loss is down 90%, failing after `max_steps`: the
+    guard against the old system's 12% (a pipeline that cannot even memorise ten photos)."""
+    from food101.engine import train_step
+
+    losses = []
+    for _ in range(max_steps):
+        loss, _ = train_step(trainer, x, y)
+        losses.append(float(loss))
+        if losses[-1] <= 0.1 * losses[0]:
+            return
+    raise AssertionError(f"{trainer.label}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {max_steps} steps")
+
+
 @pytest.fixture
 def one_thread(monkeypatch: pytest.MonkeyPatch):
     """One torch thread (and OMP_NUM_THREADS=1 for stages that set their own): tests share 2 cores."""

@@ -19,7 +19,7 @@ from food101.config import load_config
 from food101.engine import fit, make_trainer, train_step
 from food101.feed import BatchFeed
 from food101.models import build_model
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, assert_overfits_one_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -30,7 +30,10 @@ CUDA = torch.device("cuda")
 
 @pytest.fixture(scope="module")
 def photos() -> tuple[np.ndarray, np.ndarray]:
-    """40 real photos, centre-cropped to 48 px, and labels over 5 classes."""
+    """40 real photos, centre-cropped to 48 px, and labels over 5 classes.
+
+    Decoded here rather than by tasks.preprocess.load_image: that module imports Prefect, and
+    this file must run where only PyTorch is installed."""
     paths = sorted((SAMPLE / "images").glob("*/*.jpg"))[::4][:40]
     images = []
     for path in paths:
@@ -96,13 +99,7 @@ def test_each_model_overfits_one_batch_in_bf16(photos, arch: str) -> None:
     torch.manual_seed(0)
     trainer = make_trainer(build_model(arch, 5, pretrained=False), recipe, CUDA, steps_per_epoch=1000, label=arch)
     assert trainer.amp
-    losses = []
-    for _ in range(60):
-        loss, _ = train_step(trainer, x, y)
-        losses.append(float(loss))
-        if losses[-1] <= 0.1 * losses[0]:
-            break
-    assert losses[-1] <= 0.1 * losses[0], f"{arch}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+    assert_overfits_one_batch(trainer, x, y)
 
 
 def test_a_short_fit_on_cuda_runs_and_checkpoints_the_gpu_rng(photos) -> None:

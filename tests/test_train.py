@@ -22,7 +22,7 @@ from food101.feed import BatchFeed
 from food101.models import build_model, classifier_head, expected_weights_path, normalization, pretrained_weights
 from tasks.preprocess import build_cache, open_cache
 from tasks.train import load_checkpoint, load_trained_model, read_history, read_train_summary, save_checkpoint, train
-from tests.conftest import SAMPLE, make_config, sample_classes, sample_manifest
+from tests.conftest import SAMPLE, assert_overfits_one_batch, make_config, sample_classes, sample_manifest
 
 MODELS = ["resnet50", "efficientnet_b0", "mobilenet_v3_large"]
 CPU = torch.device("cpu")
@@ -76,13 +76,7 @@ def test_each_model_overfits_one_batch_of_real_photos(demo, arch: str) -> None:
     torch.manual_seed(0)
     trainer = make_trainer(build_model(arch, len(cache.classes), pretrained=False), recipe, CPU,
                            steps_per_epoch=1000, label=arch)
-    losses = []
-    for _ in range(60):
-        loss, _ = train_step(trainer, x, y)
-        losses.append(float(loss))
-        if losses[-1] <= 0.1 * losses[0]:
-            break
-    assert losses[-1] <= 0.1 * losses[0], f"{arch}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {len(losses)} steps"
+    assert_overfits_one_batch(trainer, x, y)
 
 
 def test_resume_after_a_kill_reaches_the_same_state_as_an_uninterrupted_run(demo, tmp_path: Path) -> None:
