@@ -63,8 +63,7 @@ def child(images: int, resize: int, crop: int, workers: int) -> None:
     from tasks.preprocess import build_cache
     from tests.conftest import sample_classes, sample_manifest
 
-    base = sample_manifest()
-    manifest = sample_manifest(repeat=-(-images // len(base))).iloc[:images]
+    manifest = sample_manifest(rows=images)
     params = dataclasses.replace(load_config(REPO / "params.yaml").preprocess, resize=resize, crop=crop)
     me = psutil.Process()
     before = tree_memory(me)

@@ -85,8 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant; the best is kept")
     args = parser.parse_args()
 
-    base = sample_manifest()
-    manifest = sample_manifest(repeat=-(-args.images // len(base))).iloc[:args.images]
+    manifest = sample_manifest(rows=args.images)
     paths = [SAMPLE / p for p in manifest["path"]]
     params = dataclasses.replace(load_config(REPO / "params.yaml").preprocess, resize=args.resize,
                                  crop=args.crop, val_fraction=0.1, seed=0)

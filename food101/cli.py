@@ -53,7 +53,7 @@ def _setup(params: Path | None, verbose: bool) -> Path:
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
-    for noisy in ("alembic", "mlflow.store", "mlflow.pytorch", "httpx", "urllib3", "great_expectations"):
+    for noisy in ("alembic", "mlflow.store", "httpx", "urllib3", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     pytorch_logger = logging.getLogger("mlflow.pytorch")
     if not any(isinstance(f, PickleAdvisoryFilter) for f in pytorch_logger.filters):

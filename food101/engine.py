@@ -324,8 +324,7 @@ def fit(
         desc = f"{trainer.label} {epoch}/{recipe.epochs}"
         trained = train_one_epoch(trainer, train_batches, epoch=epoch, steps=steps_per_epoch, desc=desc)
         validated = evaluate_batches(trainer, val_batches)
-        if math.isinf(validated["val_loss"]) or (math.isnan(validated["val_loss"]) and trained["images"]
-                                                  and _has_rows(val_batches)):
+        if math.isinf(validated["val_loss"]) or (math.isnan(validated["val_loss"]) and _has_rows(val_batches)):
             raise TrainingDiverged(
                 f"{trainer.label}: the validation loss became {validated['val_loss']} after epoch {epoch} "
                 f"(training loss {trained['train_loss']:.3g}): the weights blew up. Lower train.lr or raise "

@@ -7,7 +7,6 @@ these next to every result. Everything here is read-only and quick (well under a
 from __future__ import annotations
 
 import importlib.metadata
-import logging
 import platform
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,6 @@ from typing import Any
 import psutil
 
 from food101.tracking import git_commit
-
-log = logging.getLogger(__name__)
 
 # The distributions whose versions change the numbers or the pipeline's behaviour.
 PACKAGES = (

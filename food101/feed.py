@@ -136,7 +136,8 @@ class BatchFeed:
     def _augment(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """Random resized crop to image_size and random horizontal flip, one grid_sample for the batch."""
         batch, height, width = pixels.shape[:3]
-        theta = torch.from_numpy(crop_thetas(rng, batch, height, width, self.min_scale)).to(self.device)
+        theta = torch.from_numpy(crop_thetas(rng, batch, height, width, self.min_scale))
+        theta = theta.to(self.device, non_blocking=True)
         grid = axis_aligned_grid(theta, self.image_size)
         source = pixels.permute(0, 3, 1, 2).float()  # NHWC storage read as NCHW: channels_last
         return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
@@ -156,23 +157,15 @@ class BatchFeed:
         whatever the number of threads. The heavy ops release the GIL, so threads overlap.
         """
         stop = threading.Event()
-        finished = object()
         queues = [queue.Queue(maxsize=self.prefetch) for _ in range(self.workers)]
 
         def produce(worker: int) -> None:
             ready = queues[worker]
             try:
                 for number in range(worker, len(batches), self.workers):
-                    item = self._make_batch(batches[number], epoch, number)
-                    while not stop.is_set():
-                        try:
-                            ready.put(item, timeout=0.1)
-                            break
-                        except queue.Full:
-                            continue
+                    ready.put(self._make_batch(batches[number], epoch, number))  # the consumer drains on stop
                     if stop.is_set():
                         return
-                ready.put(finished)
             except BaseException as exc:  # noqa: BLE001 - handed to the consumer, which raises it
                 ready.put(exc)
 
@@ -185,8 +178,6 @@ class BatchFeed:
                 item = queues[number % self.workers].get()
                 if isinstance(item, BaseException):
                     raise item
-                if item is finished:  # a producer ended early: only after an error, raised above
-                    raise RuntimeError(f"batch-feed thread {number % self.workers} stopped before batch {number}")
                 yield item
         finally:
             stop.set()
@@ -247,12 +238,3 @@ def _to_device_in_slices(images: np.ndarray, device: torch.device, rows_per_slic
         part = np.array(images[start:start + rows_per_slice])  # a writable copy: torch wants one
         resident[start:start + len(part)].copy_(torch.from_numpy(part))
     return resident
-
-
-def cache_fits_on_device(images: np.ndarray, device: torch.device | str, headroom: float = 0.5) -> bool:
-    """Whether the uint8 array fits in `headroom` of the device's free memory (CUDA only)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False
-    free, _total = torch.cuda.mem_get_info(device)
-    return images.nbytes <= headroom * free

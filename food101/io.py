@@ -34,7 +34,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp.chmod(FILE_MODE)  # mkstemp makes owner-only files; outputs are ordinary readable files
     try:
         yield tmp
-        _fsync(tmp)
+        fsync_file(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -103,7 +103,8 @@ def staging_dir(final: Path) -> Path:
     return folder
 
 
-def _fsync(path: Path) -> None:
+def fsync_file(path: Path | str) -> None:
+    """Flush a file's dirty pages to disk, those written through any process's memory map too."""
     with open(path, "rb") as handle:
         os.fsync(handle.fileno())
 

@@ -58,14 +58,7 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> list[str]:
 
     `points` maps model -> (cost, accuracy). The front is returned from cheapest to dearest.
     """
-    front = []
-    for name, (cost, acc) in points.items():
-        dominated = any(
-            other != name and c <= cost and a >= acc and (c < cost or a > acc)
-            for other, (c, a) in points.items()
-        )
-        if not dominated:
-            front.append(name)
+    front = [name for name in points if dominated_by(points, name) is None]
     return sorted(front, key=lambda m: (points[m][0], -points[m][1], m))
 
 

@@ -23,7 +23,6 @@ import json
 import logging
 import math
 import multiprocessing
-import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -41,8 +40,7 @@ from tqdm import tqdm
 
 from food101.config import Config, PreprocessConfig
 from food101.errors import Food101Error
-from food101.io import read_json, replace_dir, write_json, write_npy, write_parquet
-from food101.tracking import stage_run
+from food101.io import fsync_file, read_json, replace_dir, write_json, write_npy, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -247,19 +245,10 @@ def _record_done(staging: Path, images_paths: dict[str, str], unsynced: list[str
     if not unsynced:
         return
     for split in sorted({chunk_id.split(":")[0] for chunk_id in unsynced}):
-        _fsync_file(images_paths[split])
+        fsync_file(images_paths[split])
     done.update(unsynced)
     unsynced.clear()
     write_json(staging / PROGRESS_FILE, {"key": key, "chunk_size": chunk_size, "done": sorted(done)})
-
-
-def _fsync_file(path: str) -> None:
-    """Write a file's dirty pages (those written through any process's mapping too) to disk."""
-    fd = os.open(path, os.O_RDWR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _take(items: Iterator[Chunk], n: int) -> list[Chunk]:
@@ -480,6 +469,8 @@ def preprocess(config: Config, parent_run_id: str | None = None) -> dict:
     from tasks.validate import read_classes, read_manifest
 
     params = config.preprocess
+    from food101.tracking import stage_run  # here: the decode workers preload this module, not MLflow
+
     with stage_run(config, "preprocess", parent_run_id, params={"preprocess": dataclasses.asdict(params)}) as run:
         manifest = read_manifest(config)
         classes = read_classes(config)

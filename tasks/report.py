@@ -43,7 +43,8 @@ from food101.document import (
 )
 from food101.environment_info import collect_environment
 from food101.formatting import ci_cell, ci_text, duration, num, pct, point_gap, times_ratio
-from food101.history import trends_path
+from food101.history import HISTORY_FILE, trends_path
+from food101.history import read_history as read_comparison
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_text
 from food101.recommend import (
     Recommendations,
@@ -61,9 +62,6 @@ log = logging.getLogger(__name__)
 
 REPORT_ARTIFACT_KEY = "food101-report"
 SUMMARY_ARTIFACT_KEY = "food101-summary"
-# Hook for "comparison with the previous benchmark": another stage writes this file into
-# paths.reports before the report runs; without it the report says this is the first benchmark.
-HISTORY_FILE = "history.json"
 PLOTS_DIR = "plots"
 DPI = 120
 
@@ -109,10 +107,6 @@ class Inputs:
             if index < len(shown):
                 return shown[index]
         return str(name)
-
-
-def _json_or_none(path: Path) -> Any:
-    return read_json(path) if path.is_file() else None
 
 
 def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> Inputs:
@@ -161,8 +155,8 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
         groups=confusion.get("groups"),
         group_rule=(confusion.get("summary") or {}).get("group_rule"),
         significance=[e for e in confusion.get("significance", []) if {e.get("a"), e.get("b")} <= set(metrics)],
-        previous=_json_or_none(paths.reports / HISTORY_FILE),
-        trends_plot=trends_path(config) if trends_path(config).is_file() else None,
+        previous=read_comparison(config),  # the flow's comparison with the previous benchmark, if any
+        trends_plot=trends if (trends := trends_path(config)).is_file() else None,
     )
 
 
@@ -355,7 +349,7 @@ def build_report(
 
     table, records = _summary_table(inputs, recs)
     sections = [
-        _executive_summary(config, inputs, recs, n_classes, regressions),
+        _executive_summary(inputs, recs, n_classes, regressions),
         _recommendations_section(recs),
         Section("summary-table", "Summary table", [
             Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
@@ -398,7 +392,7 @@ def build_report(
     return Report(config.report.title, subtitle, sections, summary, records)
 
 
-def _executive_summary(config: Config, inputs: Inputs, recs: Recommendations, n_classes: int | None,
+def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | None,
                        regressions: list[Any]) -> Section:
     blocks: list[Any] = []
     if regressions:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -71,11 +72,12 @@ def sample_classes(root: Path = SAMPLE) -> dict[str, list[str]]:
     return {"names": meta.classes, "display": meta.display}
 
 
-def sample_manifest(root: Path = SAMPLE, repeat: int = 1):
+def sample_manifest(root: Path = SAMPLE, repeat: int = 1, rows: int | None = None):
     """The bundled sample as the validate stage lists it, every photo taken as decodable.
 
     The listing comes from the validate stage's own code; only the image inspection is skipped.
-    `repeat` > 1 repeats the rows (more work from the same photos, for benchmarks and kill tests).
+    `repeat` > 1 repeats the rows (more work from the same photos, for benchmarks and kill tests);
+    `rows` gives exactly that many, repeating the listing as often as needed.
     """
     import hashlib
 
@@ -88,7 +90,10 @@ def sample_manifest(root: Path = SAMPLE, repeat: int = 1):
     data = [(root / path).read_bytes() for path in frame["path"]]
     frame = frame.assign(bytes=[len(d) for d in data], sha256=[hashlib.sha256(d).hexdigest() for d in data],
                          status="ok")
-    return pd.concat([frame] * repeat, ignore_index=True) if repeat > 1 else frame
+    if rows is not None:
+        repeat = -(-rows // len(frame))
+    frame = pd.concat([frame] * repeat, ignore_index=True) if repeat > 1 else frame
+    return frame if rows is None else frame.iloc[:rows]
 
 
 def assert_overfits_one_batch(trainer, x, y, max_steps: int = 60) -> None:
@@ -105,21 +110,26 @@ def assert_overfits_one_batch(trainer, x, y, max_steps: int = 60) -> None:
     raise AssertionError(f"{trainer.label}: loss {losses[0]:.3f} -> {losses[-1]:.3f} in {max_steps} steps")
 
 
+@contextlib.contextmanager
+def single_torch_thread():
+    """One torch thread inside the block, the previous count restored after (module fixtures use
+    this; tests use `one_thread`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def one_thread(monkeypatch: pytest.MonkeyPatch):
     """One torch thread (and OMP_NUM_THREADS=1 for stages that set their own): tests share 2 cores."""
-    import torch
-
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def demo_config(tmp_path: Path):
-    return make_config(tmp_path)
+    with single_torch_thread():
+        yield
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ and the per-class tables, confusion counts, pairs and McNemar tests are computed
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from PIL import Image, ImageDraw
 
 from food101.config import Config
 from food101.io import write_json, write_npy, write_parquet, write_text
+from tasks import validate
+from tests.conftest import sample_classes
 
 # Headline numbers per model (top-1 as fractions, latencies in ms, training time in seconds).
 MODEL_SPECS: dict[str, dict[str, Any]] = {
@@ -76,8 +77,8 @@ def write_upstream_outputs(
     specs = MODEL_SPECS if specs is None else specs
     failed = dict(failed or {})
     sample = Path(config.paths.sample)
-    classes = (sample / "meta" / "classes.txt").read_text().split()
-    display = [line.strip() for line in (sample / "meta" / "labels.txt").read_text().splitlines() if line.strip()]
+    meta = sample_classes(sample)
+    classes, display = meta["names"], meta["display"]
 
     write_json(config.paths.dataset, {"source": "sample", "root": str(sample), "archive": None, "archive_md5": None})
     manifest, quarantined, data_hash = _write_manifest(config, sample, classes, display)
@@ -125,8 +126,7 @@ def _write_manifest(config: Config, sample: Path, classes: list[str], display: l
            "error": "cannot identify image file", "status": "quarantined"}
     rows.append(bad)
     manifest = pd.DataFrame(rows)
-    pairs = sorted(zip(manifest["path"], manifest["sha256"], strict=True))
-    data_hash = hashlib.sha256("\n".join(f"{p}\t{s}" for p, s in pairs).encode()).hexdigest()
+    data_hash = validate.data_hash(manifest)
     quarantined = [{"path": bad["path"], "reason": "undecodable: cannot identify image file"}]
     folder = config.paths.manifest
     write_parquet(folder / "manifest.parquet", manifest)
@@ -421,8 +421,3 @@ def _svg_matrix(rates: np.ndarray, labels: list[str]) -> str:
             parts.append(f'<rect x="{margin + j * cell}" y="{margin + i * cell}" width="{cell}" height="{cell}" '
                          f'fill="rgb({shade},{shade},255)"/>')
     return "\n".join([*parts, "</svg>"]) + "\n"
-
-
-def dump(upstream: Upstream) -> str:
-    """The fixture's key facts as JSON (handy when a test fails)."""
-    return json.dumps({"metrics": upstream.metrics, "failed": upstream.failed}, indent=2, default=str)

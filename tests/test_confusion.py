@@ -5,14 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from food101 import metrics
 from food101.tracking import client_for, experiment_id
 from tasks import confusion as cf
 from tasks import evaluate as ev
 from tasks.preprocess import open_cache
-from tests.conftest import make_config
+from tests.conftest import make_config, single_torch_thread
 from tests.test_evaluate import FAST, TINY_MODELS, build_sample_cache, write_trained_model
 
 # (true class, predicted class, how many of the true class's 10 test photos): planted mistakes.
@@ -43,15 +42,15 @@ def write_planted_evaluation(config, model: str, mistakes: list[tuple[int, int, 
 def planted(tmp_path_factory):
     """One workspace for the module (one MLflow database): a cache of the real sample photos, the
     planted evaluations "a" and "b", and the real evaluations of two tiny untrained models."""
-    torch.set_num_threads(1)
-    config = make_config(tmp_path_factory.mktemp("confusion"), **FAST, confusion__top_pairs=2,
-                         confusion__group_threshold=0.8, confusion__examples_per_pair=3)
-    build_sample_cache(config, train_per_class=1, val_per_class=1)
-    correct = {model: write_planted_evaluation(config, model, mistakes) for model, mistakes in PLANTED.items()}
-    for seed, model in enumerate(TINY_MODELS):
-        write_trained_model(config, model, seed)
-        ev.evaluate.fn(config, model)
-    return config, correct
+    with single_torch_thread():
+        config = make_config(tmp_path_factory.mktemp("confusion"), **FAST, confusion__top_pairs=2,
+                             confusion__group_threshold=0.8, confusion__examples_per_pair=3)
+        build_sample_cache(config, train_per_class=1, val_per_class=1)
+        correct = {model: write_planted_evaluation(config, model, mistakes) for model, mistakes in PLANTED.items()}
+        for seed, model in enumerate(TINY_MODELS):
+            write_trained_model(config, model, seed)
+            ev.evaluate.fn(config, model)
+        yield config, correct
 
 
 def test_planted_confusions_give_pairs_groups_and_tests(planted):

@@ -18,14 +18,13 @@ from PIL import Image
 from food101.config import load_config
 from food101.engine import fit, make_trainer, train_step
 from food101.feed import BatchFeed
-from food101.models import build_model
+from food101.models import IMAGENET_MEAN, IMAGENET_STD, build_model
 from tests.conftest import REPO, SAMPLE, assert_overfits_one_batch
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 CUDA = torch.device("cuda")
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from food101.tracking import client_for, experiment_id
 from tasks import evaluate as ev
 from tasks.preprocess import load_image, open_cache
 from tasks.train import model_dir, save_checkpoint
-from tests.conftest import SAMPLE, make_config
+from tests.conftest import SAMPLE, make_config, sample_classes, single_torch_thread
 
 TINY_MODELS = ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
 FAST = {
@@ -31,8 +31,8 @@ FAST = {
 def build_sample_cache(config, train_per_class: int = 2, val_per_class: int = 1) -> None:
     """The cache in the preprocess stage's format, from the real sample photos (all 50 test photos)."""
     meta_dir = SAMPLE / "meta"
-    classes = meta_dir.joinpath("classes.txt").read_text().split()
-    display = [line.strip() for line in meta_dir.joinpath("labels.txt").read_text().splitlines() if line.strip()]
+    meta = sample_classes()
+    classes, display = meta["names"], meta["display"]
     train_ids = meta_dir.joinpath("train.txt").read_text().split()
     test_ids = meta_dir.joinpath("test.txt").read_text().split()
     rows = []
@@ -80,14 +80,14 @@ def write_trained_model(config, model: str, seed: int = 0, status: str = "ok") -
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
     """A cache, two tiny trained models and their real evaluation (shared by the tests below)."""
-    torch.set_num_threads(1)
-    config = make_config(tmp_path_factory.mktemp("evaluate"), **FAST)
-    build_sample_cache(config)
-    results = {}
-    for seed, model in enumerate(TINY_MODELS):
-        write_trained_model(config, model, seed)
-        results[model] = ev.evaluate.fn(config, model)
-    return config, results
+    with single_torch_thread():
+        config = make_config(tmp_path_factory.mktemp("evaluate"), **FAST)
+        build_sample_cache(config)
+        results = {}
+        for seed, model in enumerate(TINY_MODELS):
+            write_trained_model(config, model, seed)
+            results[model] = ev.evaluate.fn(config, model)
+        yield config, results
 
 
 def reference_probs(config, model: str) -> np.ndarray:
@@ -189,9 +189,8 @@ def test_failed_training_and_missing_evaluation_are_clear_errors(evaluated):
     assert not ev.eval_dir(config, "resnet18").exists()
 
 
-def test_score_and_speed_on_their_own(tmp_path):
+def test_score_and_speed_on_their_own(tmp_path, one_thread):
     """The pure parts, without files: score() against sklearn, speed and footprint on a tiny net."""
-    torch.set_num_threads(1)
     config = make_config(tmp_path, **FAST)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 8, size=300)

