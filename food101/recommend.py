@@ -81,16 +81,11 @@ def find_significance(significance: Iterable[dict[str, Any]], a: str, b: str) ->
 
 
 def significance_text(significance: list[dict[str, Any]], a: str, b: str) -> str:
+    """The confusion stage's McNemar sentence for the pair {a, b}; empty when it compared none."""
     entry = find_significance(significance, a, b)
     if entry is None:
         return ""
-    sentence = str(entry.get("sentence") or "").strip()
-    if not sentence and entry.get("p_value") is not None:
-        verdict = "is" if entry["p_value"] < 0.05 else "is not"
-        sentence = (f"The difference between {entry['a']} and {entry['b']} {verdict} statistically significant "
-                    f"(McNemar's exact test: only {entry['a']} right on {entry.get('n_a_only')} photos, only "
-                    f"{entry['b']} on {entry.get('n_b_only')}, p = {entry['p_value']:.3g}).")
-    return sentence
+    return str(entry.get("sentence") or "").strip()  # written by the confusion stage (metrics.mcnemar_sentence)
 
 
 def has_seed_runs(metrics: dict[str, dict[str, Any]]) -> bool:

@@ -634,13 +634,11 @@ def _history_section(inputs: Inputs) -> Section:
     else:
         blocks.append(Callout("No regression since the last benchmark.", "ok"))
     deltas = history.get("deltas") or []
-    if deltas and all(isinstance(d, dict) for d in deltas):
+    if deltas:  # food101.history.compare: one row per model and metric both benchmarks measured
         rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
                  _signed(d.get("delta")), "yes" if d.get("significant") else "no", d.get("test") or DASH]
                 for d in deltas]
         blocks.append(Table(["model", "metric", "previous", "now", "change", "significant", "test"], rows))
-    else:
-        blocks.append(_computed_deltas(inputs.metrics, previous.get("metrics") or {}))
     if inputs.trends_plot is not None:
         blocks.append(Figure(inputs.trends_plot, "Every benchmark of this profile so far, oldest first."))
     return Section(anchor, title, blocks)
@@ -648,17 +646,6 @@ def _history_section(inputs: Inputs) -> Section:
 
 def _signed(value: Any) -> str:
     return f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value)
-
-
-def _computed_deltas(current: dict[str, dict[str, Any]], previous: dict[str, dict[str, Any]]) -> Table:
-    rows = []
-    for model in current:
-        for key in ("top1", "top5", "latency_cpu_p50_ms", "train_images_per_s"):
-            before, now = (previous.get(model) or {}).get(key), current[model].get(key)
-            if before is None or now is None:
-                continue
-            rows.append([model, key, _cell(before), _cell(now), f"{now - before:+.4g}"])
-    return Table(["model", "metric", "previous", "now", "change"], rows)
 
 
 def _describe(item: Any) -> str:
