@@ -37,6 +37,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from food101.config import Config
+from food101.errors import Food101Error, StageOutputMissing
 from food101.io import read_json, replace_dir, staging_dir, write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ BACKOFF_BASE_S = 1.0
 HTTP_TIMEOUT_S = 60.0
 
 
-class DownloadError(RuntimeError):
+class DownloadError(Food101Error):
     """The dataset could not be fetched or unpacked; the message says what to do."""
 
 
@@ -71,7 +72,7 @@ class DiskSpaceError(DownloadError):
     """Not enough free disk for the download or the extraction."""
 
 
-class DatasetLayoutError(RuntimeError):
+class DatasetLayoutError(Food101Error):
     """A dataset folder is not in the official Food-101 layout."""
 
 
@@ -442,7 +443,7 @@ def read_dataset(config: Config) -> dict[str, Any]:
     """The dataset record the download stage wrote (source, root, archive, archive_md5)."""
     path = config.paths.dataset
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run the download stage first (food101 stage download)")
+        raise StageOutputMissing(f"{path} does not exist; run the download stage first (food101 stage download)")
     return read_json(path)
 
 

@@ -72,6 +72,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from food101.config import Config, ConfigError
+from food101.errors import Food101Error, StageOutputMissing
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
 from tasks.download import check_layout, read_dataset
 
@@ -89,7 +90,7 @@ SUITE_NAME = "food101_manifest"
 DOCS_SITE = "food101_manifest_docs"
 
 
-class ManifestValidationError(RuntimeError):
+class ManifestValidationError(Food101Error):
     """A critical expectation failed (or too many images are quarantined)."""
 
 
@@ -480,7 +481,7 @@ def failure_message(failures: list[dict[str, Any]], manifest: pd.DataFrame, wher
 def read_validation(config: Config) -> dict[str, Any]:
     path = config.paths.manifest / "validation.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run the validate stage first (food101 stage validate)")
+        raise StageOutputMissing(f"{path} does not exist; run the validate stage first (food101 stage validate)")
     return read_json(path)
 
 
@@ -498,7 +499,7 @@ def read_manifest(config: Config) -> pd.DataFrame:
 def read_classes(config: Config) -> dict[str, list[str]]:
     path = config.paths.manifest / "classes.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist; run the validate stage first (food101 stage validate)")
+        raise StageOutputMissing(f"{path} does not exist; run the validate stage first (food101 stage validate)")
     return read_json(path)
 
 

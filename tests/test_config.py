@@ -84,3 +84,15 @@ def test_cli_reports_a_bad_parameter_without_a_traceback():
     assert done.returncode == 2
     assert "did you mean 'epochs'" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_reports_a_missing_earlier_stage_without_a_traceback(tmp_path: Path):
+    """A stage run before the one it reads from: one line naming the stage to run, exit code 2."""
+    (tmp_path / "params.yaml").write_text(dump_params(load_config(REPO / "params.yaml", profile="demo")))
+    done = subprocess.run(
+        [sys.executable, "-m", "food101", "stage", "validate", "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path, capture_output=True, text=True, check=False,
+    )
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "run the download stage first" in done.stderr
+    assert "Traceback" not in done.stderr
