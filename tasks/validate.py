@@ -371,11 +371,12 @@ def run_expectations(manifest: pd.DataFrame, expected: Expected, docs_dir: Path 
         result = definition.run(batch_parameters={"dataframe": frame}, result_format=result_format)
         results = result.results
     else:
-        site_root = Path(tempfile.mkdtemp(prefix="gx-docs-"))
+        # The site is built straight into a staging folder beside docs_dir and swapped in whole.
+        stage = staging_dir(docs_dir)
         try:
             context.add_data_docs_site(DOCS_SITE, {
                 "class_name": "SiteBuilder",
-                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_root)},
+                "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(stage)},
                 "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             })
             checkpoint = context.checkpoints.add(gx.Checkpoint(
@@ -383,11 +384,10 @@ def run_expectations(manifest: pd.DataFrame, expected: Expected, docs_dir: Path 
                 actions=[gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]))
             outcome = checkpoint.run(batch_parameters={"dataframe": frame})
             results = next(iter(outcome.run_results.values())).results
-            stage = staging_dir(docs_dir)
-            shutil.copytree(site_root, stage, dirs_exist_ok=True)
-            replace_dir(docs_dir, stage)
-        finally:
-            shutil.rmtree(site_root, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise
+        replace_dir(docs_dir, stage)
     _remove_default_site(context)
     return [_summarise(r, frame, expected) for r in results]
 

@@ -50,6 +50,7 @@ def test_sample_validates_clean(tmp_path):
     docs = config.paths.manifest / "data_docs" / "index.html"
     assert docs.is_file() and "Great Expectations" in docs.read_text()
     assert list((config.paths.manifest / "data_docs" / "validations").rglob("*.html"))
+    assert (config.paths.manifest / "data_docs").stat().st_mode & 0o777 == 0o755  # readable by a web server
     # The same files give the same hash, whatever order they are read in.
     again, _, _ = manifest_for(config, SAMPLE)
     assert data_hash(again.sample(frac=1.0, random_state=0)) == validation["data_hash"]
