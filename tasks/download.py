@@ -456,7 +456,7 @@ def _retry_when_unreachable(task: Any, task_run: Any, state: Any) -> bool:
       retry_condition_fn=_retry_when_unreachable)
 def download(config: Config, parent_run_id: str | None = None) -> dict:
     """Make the configured Food-101 source available as a dataset root and record it in dataset.json."""
-    from food101.tracking import stage_run  # imported here: validate's spawned readers import this module
+    from food101.tracking import stage_run  # here: the data stages' worker processes preload this module, not MLflow
 
     params = {"source": config.data.source, "url": config.data.url, "md5": config.data.md5,
               "local_path": config.data.local_path, "download_retries": config.data.download_retries,

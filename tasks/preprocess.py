@@ -22,11 +22,10 @@ import hashlib
 import json
 import logging
 import math
-import multiprocessing
 import shutil
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from tqdm import tqdm
 from food101.config import Config, PreprocessConfig
 from food101.errors import Food101Error
 from food101.io import fsync_file, read_json, replace_dir, write_json, write_npy, write_parquet
+from food101.processes import process_pool
 
 log = logging.getLogger(__name__)
 
@@ -208,14 +208,6 @@ def _fill_chunk(images_path: str, chunk: Chunk, paths: list[str], resize: int, c
     return chunk.id
 
 
-def _process_pool(workers: int) -> ProcessPoolExecutor:
-    # forkserver: workers fork from a clean single-threaded server, not from a process running
-    # Prefect's and MLflow's threads; preloading this module makes each fork cheap.
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload([__name__])
-    return ProcessPoolExecutor(max_workers=workers, mp_context=context)
-
-
 def _run_chunks(
     chunks: list[Chunk], paths: dict[str, list[str]], images_paths: dict[str, str],
     resize: int, crop: int, workers: int,
@@ -228,7 +220,7 @@ def _run_chunks(
         for chunk in chunks:
             yield _fill_chunk(*args(chunk))
         return
-    with _process_pool(workers) as pool:
+    with process_pool(workers) as pool:
         # A bounded window of pending chunks: the parent never holds every task at once.
         queue = iter(chunks)
         pending = {pool.submit(_fill_chunk, *args(c)) for c in _take(queue, workers * 4)}

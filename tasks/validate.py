@@ -59,9 +59,8 @@ import shutil
 import tempfile
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +73,7 @@ from tqdm import tqdm
 from food101.config import Config, ConfigError
 from food101.errors import Food101Error, StageOutputMissing
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
+from food101.processes import process_pool
 from tasks.download import check_layout, read_dataset
 
 log = logging.getLogger(__name__)
@@ -252,8 +252,7 @@ def inspect_files(root: Path, paths: list[str], workers: int, chunk_images: int 
                 results[index] = _inspect_chunk(str(root), chunk)
                 bar.update(len(chunk))
         else:
-            # spawn, not fork: Prefect and MLflow run threads, and forking a threaded process can deadlock.
-            with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+            with process_pool(workers) as pool:
                 futures = {pool.submit(_inspect_chunk, str(root), chunk): index
                            for index, chunk in enumerate(chunks)}
                 for future in as_completed(futures):
@@ -532,7 +531,7 @@ def manifest_for(config: Config, root: Path, workers: int | None = None) -> tupl
 @task(name="validate", cache_policy=NONE)
 def validate(config: Config, parent_run_id: str | None = None) -> dict:
     """Build the manifest of the selected images and check it with Great Expectations."""
-    from food101.tracking import stage_run  # imported here: spawned image readers need not load MLflow
+    from food101.tracking import stage_run  # here: the image readers' processes preload this module, not MLflow
 
     params = {"classes": config.data.classes, "train_per_class": config.data.train_per_class,
               "test_per_class": config.data.test_per_class, **dataclasses.asdict(config.validate)}
