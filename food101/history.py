@@ -263,14 +263,11 @@ def compare(
 
 def mcnemar_exact(before: dict[str, bool], after: dict[str, bool]) -> tuple[float, int, int, int]:
     """McNemar's exact test on the photos both evaluated: (p, lost, gained, shared photos)."""
-    from scipy.stats import binomtest
+    from food101 import metrics  # scipy: loaded only when two benchmarks are compared
 
-    shared = before.keys() & after.keys()
-    lost = sum(1 for p in shared if before[p] and not after[p])
-    gained = sum(1 for p in shared if after[p] and not before[p])
-    discordant = lost + gained
-    p_value = 1.0 if discordant == 0 else float(binomtest(gained, discordant, 0.5).pvalue)
-    return p_value, lost, gained, len(shared)
+    shared = sorted(before.keys() & after.keys())
+    result = metrics.mcnemar_exact([before[p] for p in shared], [after[p] for p in shared])
+    return result.p_value, result.n_a_only, result.n_b_only, len(shared)
 
 
 def _delta(

@@ -233,7 +233,7 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> McNemar:
     if a_only + b_only == 0:
         return McNemar(0, 0, 1.0)
     p_value = float(binomtest(a_only, a_only + b_only, 0.5, alternative="two-sided").pvalue)
-    return McNemar(a_only, b_only, min(p_value, 1.0))
+    return McNemar(a_only, b_only, p_value)  # binomtest caps p at 1
 
 
 def format_p(p_value: float) -> str:
