@@ -27,19 +27,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_throughput import NUM_CLASSES, _sync  # noqa: E402
+from benchmarks.train_throughput import NUM_CLASSES, _sync, pipeline_trainer  # noqa: E402
 from food101.config import load_config  # noqa: E402
 from food101.devices import configure_cpu_threads, resolve_device  # noqa: E402
-from food101.engine import make_trainer, train_step  # noqa: E402
-from food101.models import build_model  # noqa: E402
+from food101.engine import train_step  # noqa: E402
 
 
 def make_step(arch: str, recipe, device: torch.device, batch: int, size: int):
     """A ready-to-call training step for `arch` on fixed random data, warmed up."""
-    torch.manual_seed(0)
-    trainer = make_trainer(build_model(arch, NUM_CLASSES, pretrained=False), recipe, device,
-                           steps_per_epoch=10_000, label=arch)
-    trainer.model.train()
+    trainer = pipeline_trainer(arch, recipe, device)
     x = torch.randn(batch, 3, size, size, device=device)
     y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
 

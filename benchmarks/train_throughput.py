@@ -54,11 +54,17 @@ def time_steps(step, device: torch.device, warmup: int, steps: int, batch: int, 
     return max(rates)
 
 
-def pipeline_rate(arch, recipe, device, x, y, warmup, steps, repeats) -> float:
+def pipeline_trainer(arch: str, recipe, device: torch.device):
+    """The pipeline's trainer for `arch` (random weights, seeded), in training mode."""
     torch.manual_seed(0)
     trainer = make_trainer(build_model(arch, NUM_CLASSES, pretrained=False), recipe, device,
                            steps_per_epoch=10_000, label=arch)
     trainer.model.train()
+    return trainer
+
+
+def pipeline_rate(arch, recipe, device, x, y, warmup, steps, repeats) -> float:
+    trainer = pipeline_trainer(arch, recipe, device)
     return time_steps(lambda: train_step(trainer, x, y), device, warmup, steps, len(y), repeats)
 
 
