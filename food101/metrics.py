@@ -73,12 +73,11 @@ def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:
 class PerClass:
     """Per-class metrics over all classes 0..C-1, each an array of shape (C,).
 
-    accuracy is the fraction of a class's images classified correctly (equal to recall: the
-    usual "per-class accuracy" of Food-101 papers). Undefined ratios (a class never predicted,
+    The "per-class accuracy" of Food-101 papers (the fraction of a class's images classified
+    correctly) is the recall. Undefined ratios (a class never predicted,
     or absent from the labels) are 0, like scikit-learn's zero_division default.
     """
 
-    accuracy: np.ndarray
     precision: np.ndarray
     recall: np.ndarray
     f1: np.ndarray
@@ -96,7 +95,7 @@ def per_class_from_counts(counts: np.ndarray) -> PerClass:
     # F1 as 2tp / (2tp + fp + fn): equal to the harmonic mean where that is defined, and what
     # scikit-learn computes (0 when a class is neither present nor predicted).
     f1 = _safe_divide(2 * true_pos, support + predicted)
-    return PerClass(accuracy=recall.copy(), precision=precision, recall=recall, f1=f1, support=support)
+    return PerClass(precision=precision, recall=recall, f1=f1, support=support)
 
 
 def per_class_metrics(labels: np.ndarray, preds: np.ndarray, num_classes: int) -> PerClass:

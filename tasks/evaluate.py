@@ -158,7 +158,7 @@ def per_class_frame(per_class: metrics.PerClass, classes: list[str], display: li
     """per_class.csv: class, display, accuracy, precision, recall, f1, support."""
     return pd.DataFrame({
         "class": classes, "display": display,
-        "accuracy": per_class.accuracy, "precision": per_class.precision, "recall": per_class.recall,
+        "accuracy": per_class.recall, "precision": per_class.precision, "recall": per_class.recall,
         "f1": per_class.f1, "support": per_class.support.astype(np.int64),
     })
 
