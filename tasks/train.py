@@ -8,6 +8,7 @@ the best weights by validation top-1, per-epoch metrics, and a clear failure rec
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import hashlib
@@ -16,6 +17,7 @@ import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,6 +219,23 @@ def train(config: Config, model: str, parent_run_id: str | None = None) -> dict:
     return _result(read_train_summary(config, model), primary.out)
 
 
+@contextlib.contextmanager
+def _failure_recorded(out: Path, model: str, recipe: TrainConfig, device: torch.device,
+                      config_hash: str) -> Iterator[None]:
+    """Turn a diverged or out-of-memory training into a failed train.json, then re-raise it."""
+    try:
+        yield
+    except TrainingDiverged as exc:
+        _write_failure(out, model, recipe, device, str(exc), config_hash)
+        raise
+    except torch.OutOfMemoryError as exc:
+        message = (f"{model}: out of memory on {device} at batch size {recipe.batch_size}, "
+                   f"{recipe.image_size} px; lower train.overrides.{model}.batch_size "
+                   f"(or set train.gpu_cache=off). {str(exc).splitlines()[0]}")
+        _write_failure(out, model, recipe, device, message, config_hash)
+        raise TrainingOutOfMemory(message) from exc
+
+
 def train_into(training: Training, model: str, cache: Cache, device: torch.device, run: Run) -> dict[str, Any]:
     """Train `model` with `training.recipe` into `training.out`, resuming a checkpoint of the same
     hash; writes checkpoint.pt, best.pt, history.csv and train.json and returns the summary."""
@@ -233,13 +252,6 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
     gpu_resident = _use_gpu_cache(recipe, device, train_images.nbytes + val_images.nbytes)
     common = {"device": device, "mean": mean, "std": std, "seed": recipe.seed,
               "channels_last": recipe.channels_last, "gpu_resident": gpu_resident}
-    train_feed = BatchFeed(train_images, cache.labels("train"), batch_size=recipe.batch_size, train=True,
-                           image_size=recipe.image_size, min_scale=recipe.min_scale, **common)
-    val_feed = BatchFeed(val_images, cache.labels("val"), batch_size=2 * recipe.batch_size, train=False,
-                         image_size=eval_size, **common)
-    steps = len(train_feed) if recipe.max_steps_per_epoch is None else min(len(train_feed),
-                                                                           recipe.max_steps_per_epoch)
-    trainer = make_trainer(net, recipe, device, steps, label=model)
 
     resume = None
     if (out / "checkpoint.pt").is_file():
@@ -267,18 +279,18 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
         run.log_metrics({f"{prefix}{k}": v for k, v in end.record.items() if k != "epoch"},
                         step=int(end.record["epoch"]))
 
-    try:
+    # From the first device allocation (a GPU-resident cache, the model) to the last epoch: a
+    # diverged or out-of-memory training leaves a failed train.json that says what to do.
+    with _failure_recorded(out, model, recipe, device, config_hash):
+        train_feed = BatchFeed(train_images, cache.labels("train"), batch_size=recipe.batch_size, train=True,
+                               image_size=recipe.image_size, min_scale=recipe.min_scale, **common)
+        val_feed = BatchFeed(val_images, cache.labels("val"), batch_size=2 * recipe.batch_size, train=False,
+                             image_size=eval_size, **common)
+        steps = len(train_feed) if recipe.max_steps_per_epoch is None else min(len(train_feed),
+                                                                               recipe.max_steps_per_epoch)
+        trainer = make_trainer(net, recipe, device, steps, label=model)
         result = fit(trainer, train_feed, val_feed, recipe, steps_per_epoch=steps, resume=resume,
                      on_epoch_end=on_epoch_end)
-    except TrainingDiverged as exc:
-        _write_failure(out, model, recipe, device, str(exc), config_hash)
-        raise
-    except torch.OutOfMemoryError as exc:
-        message = (f"{model}: out of memory on {device} at batch size {recipe.batch_size}, "
-                   f"{recipe.image_size} px; lower train.overrides.{model}.batch_size "
-                   f"(or set train.gpu_cache=off). {str(exc).splitlines()[0]}")
-        _write_failure(out, model, recipe, device, message, config_hash)
-        raise TrainingOutOfMemory(message) from exc
 
     history = result.history
     summary = {
