@@ -27,9 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.train_throughput import NUM_CLASSES, _sync, pipeline_trainer  # noqa: E402
+from benchmarks.train_throughput import NUM_CLASSES, pipeline_trainer  # noqa: E402
 from food101.config import load_config  # noqa: E402
-from food101.devices import configure_cpu_threads, resolve_device  # noqa: E402
+from food101.devices import configure_cpu_threads, resolve_device, synchronize  # noqa: E402
 from food101.engine import train_step  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def make_step(arch: str, recipe, device: torch.device, batch: int, size: int):
 
     for _ in range(2):
         step()
-    _sync(device)
+    synchronize(device)
     return step
 
 
@@ -53,7 +53,7 @@ def run_steps(step, device: torch.device, steps: int) -> None:
         torch.cuda.set_device(device)
     for _ in range(steps):
         step()
-    _sync(device)
+    synchronize(device)
 
 
 def sequential(steps_by_model: dict, device: torch.device, steps: int) -> float:

@@ -27,29 +27,24 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from food101.config import load_config  # noqa: E402
-from food101.devices import configure_cpu_threads, resolve_device  # noqa: E402
+from food101.devices import configure_cpu_threads, resolve_device, synchronize  # noqa: E402
 from food101.engine import make_trainer, train_step  # noqa: E402
 from food101.models import build_model  # noqa: E402
 
 NUM_CLASSES = 101
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_steps(step, device: torch.device, warmup: int, steps: int, batch: int, repeats: int) -> float:
     """Best-of-`repeats` images/s over `steps` steps, after `warmup` untimed steps."""
     for _ in range(warmup):
         step()
-    _sync(device)
+    synchronize(device)
     rates = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(steps):
             step()
-        _sync(device)
+        synchronize(device)
         rates.append(batch * steps / (time.perf_counter() - start))
     return max(rates)
 

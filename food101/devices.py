@@ -35,6 +35,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device(requested)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously; a CPU has none queued)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def cpu_threads() -> int:
     """Cores this process may use (the affinity mask, which containers and taskset narrow)."""
     try:

@@ -28,6 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from food101.config import TrainConfig
+from food101.devices import synchronize
 from food101.errors import Food101Error
 from food101.models import classifier_head, parameter_groups
 
@@ -223,8 +224,7 @@ def train_one_epoch(
     if images == 0:
         raise ValueError(f"{trainer.label}: the training split gave no batches (is it empty?)")
     _check_finite(trainer, loss_sum, epoch, steps)
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
+    synchronize(trainer.device)
     return {
         "train_loss": float(loss_sum) / images,
         "train_top1": float(correct) / images,

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from food101 import metrics
 from food101.config import Config, EvaluateConfig
-from food101.devices import training_slots
+from food101.devices import synchronize, training_slots
 from food101.errors import Food101Error
 from food101.feed import BatchFeed
 from food101.io import (
@@ -176,11 +176,6 @@ def predictions_frame(paths: list[str], labels: np.ndarray, scores: Scores) -> p
     })
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure_latency(
     model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
 ) -> tuple[float, float]:
@@ -190,11 +185,11 @@ def measure_latency(
     with torch.inference_mode(), _autocast(device):
         for _ in range(warmup):
             model(example)
-        _sync(device)
+        synchronize(device)
         for _ in range(max(1, runs)):
             start = time.perf_counter()
             model(example)
-            _sync(device)
+            synchronize(device)
             times.append((time.perf_counter() - start) * 1000.0)
     p50, p95 = np.percentile(times, [50, 95])
     return float(p50), float(p95)
@@ -208,11 +203,11 @@ def measure_throughput(
     with torch.inference_mode(), _autocast(device):
         for _ in range(warmup):
             model(batch)
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(max(1, runs)):
             model(batch)
-        _sync(device)
+        synchronize(device)
         elapsed = time.perf_counter() - start
     return len(batch) * max(1, runs) / elapsed
 
