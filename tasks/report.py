@@ -113,7 +113,7 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
     """Read every upstream output that exists, through the writers' readers; optional ones may be missing."""
     # The writers' modules own the formats; imported here so that `import tasks.report` stays light.
     from tasks.confusion import read_confusion
-    from tasks.evaluate import eval_dir, read_metrics, read_per_class
+    from tasks.evaluate import METRICS_FILE, PER_CLASS_FILE, eval_dir, read_metrics, read_per_class
     from tasks.train import model_dir, read_history, read_train_summary
     from tasks.validate import read_classes, read_validation
 
@@ -129,11 +129,11 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
             history[model] = read_history(config, model)
         if model in failed:
             continue  # files from an earlier run would be stale: do not report them as this run's
-        if not (eval_dir(config, model) / "metrics.json").is_file():
-            failed[model] = f"not evaluated: {eval_dir(config, model) / 'metrics.json'} does not exist"
+        if not (eval_dir(config, model) / METRICS_FILE).is_file():
+            failed[model] = f"not evaluated: {eval_dir(config, model) / METRICS_FILE} does not exist"
             continue
         metrics[model] = normalise_metrics(read_metrics(config, model))
-        if (eval_dir(config, model) / "per_class.csv").is_file():
+        if (eval_dir(config, model) / PER_CLASS_FILE).is_file():
             per_class[model] = read_per_class(config, model)
 
     confusion = read_confusion(config) if (paths.confusion / "summary.json").is_file() else {}
@@ -778,7 +778,9 @@ def _make_plots(config: Config, inputs: Inputs, folder: Path) -> dict[str, Path]
         fig = plot_learning_curves(inputs.history, inputs.train, colours)
         plots["learning_curves"] = _save(fig, folder / "learning_curves.png")
     # Upstream figures, copied so that report.md and the MLflow artifacts stand on their own.
-    upstream = {f"reliability_{m}": config.paths.eval / m / "reliability.png" for m in metrics}
+    from tasks.evaluate import RELIABILITY_FILE, eval_dir
+
+    upstream = {f"reliability_{m}": eval_dir(config, m) / RELIABILITY_FILE for m in metrics}
     for m in metrics:
         upstream[f"matrix_{m}"] = config.paths.confusion / f"{m}_matrix.png"
         upstream[f"examples_{m}"] = config.paths.confusion / f"{m}_examples.png"
