@@ -88,10 +88,18 @@ def scaled_lr(recipe: TrainConfig) -> float:
 
 
 def make_optimizer(model: nn.Module, recipe: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """SGD (Nesterov) or AdamW over decay/no-decay groups; the fused kernels on CUDA."""
-    groups = parameter_groups(model, recipe.weight_decay)
-    fused = {"fused": True} if device.type == "cuda" else {}
+    """SGD (Nesterov) or AdamW over decay/no-decay groups, each split into the head (at the peak
+    LR) and the backbone (at `backbone_lr_scale` times it, so the new head's first large steps do
+    not distort the pretrained features); the fused kernels on CUDA."""
     lr = scaled_lr(recipe)
+    head = {id(p) for p in classifier_head(model)[1].parameters()}
+    groups = []
+    for group in parameter_groups(model, recipe.weight_decay):
+        for in_head, scale in ((True, 1.0), (False, recipe.backbone_lr_scale)):
+            params = [p for p in group["params"] if (id(p) in head) == in_head]
+            if params:
+                groups.append({**group, "params": params, "lr": lr * scale})
+    fused = {"fused": True} if device.type == "cuda" else {}
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, **fused)
     return torch.optim.AdamW(groups, lr=lr, **fused)
@@ -199,11 +207,22 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         param.requires_grad_(trainable or id(param) in head)
 
 
+def hold_frozen_batchnorm(model: nn.Module) -> None:
+    """BatchNorm layers whose parameters are frozen (head-only epochs) run in eval mode, so their
+    running statistics stay the pretrained ones: at small batch, statistics drift alone moves the
+    features (EfficientNet-Lite0 on real photos: a linear probe loses 12 points after one epoch)."""
+    for module in model.modules():
+        params = list(module.parameters(recurse=False))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+            module.eval()
+
+
 def train_one_epoch(
     trainer: Trainer, batches: Iterable, *, epoch: int, steps: int, desc: str = ""
 ) -> dict[str, float]:
     """Train over `steps` batches; returns train_loss, train_top1, images, train_time_s."""
     trainer.model.train()
+    hold_frozen_batchnorm(trainer.model)
     loss_sum = torch.zeros((), device=trainer.device)
     correct = torch.zeros((), device=trainer.device, dtype=torch.long)
     images = 0
