@@ -96,3 +96,70 @@ def test_cli_reports_a_missing_earlier_stage_without_a_traceback(tmp_path: Path)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "run the download stage first" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("evaluate.bootstrap_samples=0", "evaluate.bootstrap_samples must be at least 1"),
+        ("evaluate.ece_bins=0", "evaluate.ece_bins must be at least 1"),
+        ("evaluate.batch_size=0", "evaluate.batch_size must be at least 1"),
+        ("evaluate.latency_runs=0", "evaluate.latency_runs must be at least 1"),
+        ("evaluate.latency_warmup=-1", "evaluate.latency_warmup must be at least 0"),
+        ("evaluate.throughput_batch=0", "evaluate.throughput_batch must be at least 1"),
+        ("evaluate.seed=-1", "evaluate.seed must be at least 0"),
+        ("train.label_smoothing=5", r"train.label_smoothing must be in \[0, 1\)"),
+        ("train.weight_decay=-0.1", "train.weight_decay must be at least 0"),
+        ("train.momentum=1", r"train.momentum must be in \[0, 1\)"),
+        ("train.momentum=-0.5", r"train.momentum must be in \[0, 1\)"),
+        ("train.warmup_epochs=-1", "train.warmup_epochs must be at least 0"),
+        ("train.freeze_backbone_epochs=-1", "train.freeze_backbone_epochs must be at least 0"),
+        ("train.early_stopping_patience=0", "train.early_stopping_patience must be at least 1"),
+        ("train.image_size=8", "train.image_size must be at least 16"),
+        ("train.seed=-3", "train.seed must be at least 0"),
+        ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be at least 1"),
+        ("train.overrides={resnet50: {label_smoothing: 2}}", r"train.overrides.resnet50.label_smoothing must be in"),
+        ("confusion.top_pairs=0", "confusion.top_pairs must be at least 1"),
+        ("confusion.group_threshold=0", r"confusion.group_threshold must be in \(0, 1\]"),
+        ("confusion.group_threshold=1.5", r"confusion.group_threshold must be in \(0, 1\]"),
+        ("confusion.examples_per_pair=-1", "confusion.examples_per_pair must be at least 0"),
+        ("report.latency_budget_ms=0", "report.latency_budget_ms must be positive"),
+        ("report.within_points=-1", "report.within_points must be at least 0"),
+        ("data.download_retries=-1", "data.download_retries must be at least 0"),
+        ("data.min_free_gb=-1", "data.min_free_gb must be at least 0"),
+        ("data.md5=''", "data.md5 must be the archive's 32-character MD5"),
+        ("data.md5=xyz", "data.md5 must be the archive's 32-character MD5"),
+        ("data.url=ftp://example.org/food-101.tar.gz", "data.url must start with http"),
+        ("data.classes=0", "data.classes must be at least 1"),
+        ("data.classes=[]", "data.classes must name at least one class"),
+        ("data.classes=[a, a]", "data.classes must not repeat"),
+        ("data.train_per_class=0", "data.train_per_class must be at least 1"),
+        ("data.test_per_class=0", "data.test_per_class must be at least 1"),
+        ("validate.min_side=0", "validate.min_side must be at least 1"),
+        ("validate.max_side=16", "validate.max_side must be at least validate.min_side"),
+        ("validate.official_train_per_class=0", "validate.official_train_per_class must be at least 1"),
+        ("validate.official_test_per_class=0", "validate.official_test_per_class must be at least 1"),
+        ("preprocess.workers=-1", "preprocess.workers must be at least 0"),
+        ("preprocess.seed=-1", "preprocess.seed must be at least 0"),
+        ("alerts.throughput_drop=0", r"alerts.throughput_drop must be in \(0, 1\)"),
+        ("schedule.cron='every monday'", "schedule.cron"),
+        ("schedule.timezone=Mars/Base", "schedule.timezone"),
+        ("tracking.experiment=''", "tracking.experiment must not be empty"),
+    ],
+)
+def test_impossible_values_are_refused_with_the_parameter_named(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(REPO / "params.yaml", overrides=[override])
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["data.md5=''", "data.md5=xyz"],
+)
+def test_md5_is_free_only_for_sources_without_the_official_archive(override):
+    load_config(REPO / "params.yaml", profile="demo", overrides=[override])  # source: sample
+
+
+def test_every_profile_passes_the_range_checks():
+    for profile in (None, "demo", "quick", "full"):
+        load_config(REPO / "params.yaml", profile=profile)
