@@ -22,7 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from food101 import history, registry
 from food101.config import Config, load_config
-from food101.tracking import Run, client_for, finish_run, start_benchmark_run
+from food101.runlock import run_lock
+from food101.tracking import Run, client_for, finish_run, start_benchmark_run, status_for
 from food101.versioning import record_outputs
 from tasks.confusion import confusion
 from tasks.download import download
@@ -62,15 +63,19 @@ def benchmark(
 ) -> dict[str, Any]:
     """Benchmark every model in params.yaml on Food-101 and publish the report."""
     config = load_config(Path(params_file) if params_file else None, profile, overrides)
-    log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
-    parent = start_benchmark_run(config, {"prefect_flow_run_id": flow_run.id or "none"})
-    status = "FAILED"
-    try:
-        result = run_stages(config, parent.run_id)
-        status = "FINISHED"
-        return result
-    finally:
-        finish_run(parent, status)
+    with run_lock(config):  # one run per outputs folder; re-entered when `food101 run` holds it
+        log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
+        parent = start_benchmark_run(config, {"prefect_flow_run_id": flow_run.id or "none"})
+        status = "FAILED"
+        try:
+            result = run_stages(config, parent.run_id)
+            status = "FINISHED"
+            return result
+        except BaseException as exc:
+            status = status_for(exc)
+            raise
+        finally:
+            finish_run(parent, status)
 
 
 def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
@@ -111,12 +116,11 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     stage["confusion"](config, models, parent_run_id)
     comparison = compare_with_previous(config, parent_run_id, models)
     published = stage["report"](config, models, failures, parent_run_id)  # renders the comparison too
-    registered = registry.register_models(config, parent_run_id, models, published["recommended"])
     dvc = record_outputs(config) if not failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
     # Last, so that a regression still leaves a complete report, registry and DVC record behind.
-    history.raise_if_regressed(config, comparison)
+    registered = register_and_gate(config, parent_run_id, models, published["recommended"], comparison)
     return {
         "profile": config.profile,
         "parent_run_id": parent_run_id,
@@ -127,6 +131,16 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         "registry": registered,
         "comparison": {"previous": comparison["previous"], "regressions": comparison["regressions"]},
     }
+
+
+def register_and_gate(
+    config: Config, parent_run_id: str, models: list[str], recommended: str, comparison: dict[str, Any]
+) -> dict[str, Any]:
+    """Register every model, then pass the regression gate, then move `champion`: a benchmark
+    that raises RegressionDetected leaves its versions registered and the alias where it was."""
+    registered = registry.register_models(config, parent_run_id, models, recommended)
+    history.raise_if_regressed(config, comparison)
+    return registry.promote_champion(config, registered)
 
 
 def compare_with_previous(config: Config, parent_run_id: str, models: list[str]) -> dict[str, Any]:

@@ -172,12 +172,23 @@ def predict(
     params: ParamsOpt = None,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Classify photos with the champion model that a benchmark of this profile registered."""
+    """Classify photos with the champion model a benchmark registered.
+
+    Without --profile, the champion registered most recently (of any profile) answers, and the
+    output names its profile.
+    """
     params_file = _setup(params, verbose)
     config = _load(params_file, profile, None)
+    from food101.registry import latest_champion_profile
     from food101.registry import predict as predict_photos
 
-    for photo, ranked in zip(photos, predict_photos(config, photos, top_k=top), strict=True):
+    chosen = profile or latest_champion_profile(config)
+    results = predict_photos(config, photos, top_k=top, profile=chosen)
+    how = "" if profile else ", the most recent champion; --profile NAME picks another"
+    first = results[0]
+    typer.echo(f"model {first['model']} (version {first['version']} of {first['registered_model']}, "
+               f"profile {chosen}{how})")
+    for photo, ranked in zip(photos, results, strict=True):
         typer.echo(f"{photo}:")
         for item in ranked["top"]:
             typer.echo(f"  {item['probability']:6.1%}  {item['dish']}")

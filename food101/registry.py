@@ -1,25 +1,28 @@
 """The MLflow Model Registry: every trained model of a benchmark, the recommended one as `champion`.
 
 One registered model per profile, `food101-classifier-<profile>`, whose versions are the
-candidates: the issue's "the recommended one gets alias champion and the one it replaces
-previous" is an alias move inside one registered model. One per profile, because a demo run on
-5 classes must never replace the champion of the full 101-class benchmark.
+candidates: the recommended one gets alias `champion` and the one it replaces `previous`. One per
+profile, because a demo run on 5 classes must never replace the champion of the full benchmark.
 
-Each version is a real MLflow PyTorch model (pickle format: loads on the CPU with
-`mlflow.pytorch.load_model` and serves through pyfunc), built from the training checkpoint
-`best.pt`; the checkpoint's classes, display names, mean/std and image size travel in the
-MLmodel `metadata`, so predicting needs nothing from the local artifacts/ folder.
-It is saved locally, logged under the benchmark's parent run at `registry/<model>/` and
-registered with `MlflowClient.create_model_version` - no active run or global tracking URI,
-so it is safe from Prefect worker threads.
+A version is data, never code: its artifact folder (under the benchmark's parent run,
+`registry/<model>/`) holds the weights as a state dict (`weights.pt`) and `food101-model.json`
+(architecture name, classes, normalisation, image size, preprocessing, the weights' sha256).
+Loading reads the JSON, checks the sha256 against the one recorded as a version tag at
+registration, reads the weights with `torch.load(weights_only=True)` and builds the architecture
+by name. A version without this pipeline's tags (for example a pickled model someone registered
+through the MLflow client) is refused, never unpickled. Registration uses `MlflowClient` with
+explicit ids - no active run or global tracking URI, so it is safe from Prefect worker threads.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import pickle
 import tempfile
+import zipfile
 from dataclasses import dataclass
-from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from mlflow.tracking import MlflowClient
 
 from food101.config import Config
 from food101.errors import Food101Error
+from food101.io import write_json
 from food101.tracking import client_for, tracking_uri
 
 log = logging.getLogger(__name__)
@@ -36,6 +40,13 @@ log = logging.getLogger(__name__)
 CHAMPION = "champion"
 PREVIOUS = "previous"
 ARTIFACT_DIR = "registry"
+PREFIX = "food101-classifier-"
+FORMAT = "food101-state-dict/1"
+WEIGHTS_FILE = "weights.pt"
+META_FILE = "food101-model.json"
+FORMAT_TAG = "food101_format"
+SHA_TAG = "weights_sha256"
+META_KEYS = ("arch", "num_classes", "image_size", "mean", "std", "classes", "display", "resize", "crop")
 
 
 class RegistryError(Food101Error):
@@ -50,26 +61,30 @@ class RegistryUnavailable(RegistryError):
     """The MLflow tracking/registry server cannot be reached."""
 
 
+class UntrustedModel(RegistryError):
+    """A registered version this pipeline did not write, or whose files changed since it did."""
+
+
 class PhotoError(Food101Error):
     """A photo to classify is missing or cannot be decoded."""
 
 
-def registered_model_name(config: Config) -> str:
-    return f"food101-classifier-{config.profile}"
+def registered_model_name(config: Config, profile: str | None = None) -> str:
+    return f"{PREFIX}{profile or config.profile}"
 
 
-def champion_uri(config: Config) -> str:
-    return f"models:/{registered_model_name(config)}@{CHAMPION}"
+def champion_uri(config: Config, profile: str | None = None) -> str:
+    return f"models:/{registered_model_name(config, profile)}@{CHAMPION}"
 
 
 # --- registering -------------------------------------------------------------------------------
 
 
 def register_models(config: Config, parent_run_id: str, models: list[str], recommended: str) -> dict[str, Any]:
-    """Register each trained model as a version; move `champion` to the recommended one.
+    """Register each trained model as a version; the aliases do not move (see promote_champion).
 
-    The version that was champion before gets `previous`. Models without a best.pt (training
-    failed) are skipped and listed; the recommended one must exist.
+    Models without a best.pt (training failed) are skipped and listed; the recommended one must
+    exist.
     """
     client = client_for(config)
     name = registered_model_name(config)
@@ -86,43 +101,47 @@ def register_models(config: Config, parent_run_id: str, models: list[str], recom
             log.warning("not registering %s: %s does not exist", model, missing[model])
             continue
         versions[model] = _register_one(config, client, name, parent_run_id, model)
+    return {"name": name, "parent_run_id": parent_run_id, "versions": versions, "recommended": recommended,
+            "champion": None, "previous": None, "skipped": missing, "uri": champion_uri(config)}
+
+
+def promote_champion(config: Config, registered: dict[str, Any]) -> dict[str, Any]:
+    """Move `champion` to the recommended version of `registered`; the old champion gets `previous`.
+
+    Called only once the benchmark has passed its regression gate.
+    """
+    client = client_for(config)
+    name, recommended = registered["name"], registered["recommended"]
+    version = registered["versions"][recommended]
     old_champion = _alias_version(client, name, CHAMPION)
-    client.set_registered_model_alias(name, CHAMPION, versions[recommended])
+    client.set_registered_model_alias(name, CHAMPION, version)
     previous = None
-    if old_champion is not None and str(old_champion.version) != versions[recommended]:
+    if old_champion is not None and str(old_champion.version) != version:
         client.set_registered_model_alias(name, PREVIOUS, old_champion.version)
         previous = {"model": old_champion.tags.get("model"), "version": str(old_champion.version)}
-    client.set_tag(parent_run_id, "registry_champion", f"{name}/{versions[recommended]}")
-    log.info("registry %s: champion %s (version %s)%s", name, recommended, versions[recommended],
+    client.set_tag(registered["parent_run_id"], "registry_champion", f"{name}/{version}")
+    log.info("registry %s: champion %s (version %s)%s", name, recommended, version,
              f", previous version {previous['version']}" if previous else "")
-    return {
-        "name": name,
-        "versions": versions,
-        "champion": {"model": recommended, "version": versions[recommended]},
-        "previous": previous,
-        "skipped": missing,
-        "uri": champion_uri(config),
-    }
+    return {**registered, "champion": {"model": recommended, "version": version}, "previous": previous}
 
 
 def _register_one(config: Config, client: MlflowClient, name: str, parent_run_id: str, model: str) -> str:
-    import mlflow.pytorch
+    import torch
 
-    network, meta = load_checkpoint(_best_path(config, model))
+    checkpoint = _read_checkpoint(_best_path(config, model))
     # The preprocessing travels with the model: a demo champion expects demo-sized photos.
-    metadata = {**meta, "model": model, "profile": config.profile,
-                "resize": config.preprocess.resize, "crop": config.preprocess.crop}
+    meta = {**_checkpoint_meta(checkpoint), "model": model, "profile": config.profile,
+            "resize": config.preprocess.resize, "crop": config.preprocess.crop}
     with tempfile.TemporaryDirectory(prefix="food101-register-") as folder:
         local = Path(folder) / model
-        mlflow.pytorch.save_model(
-            network, local, serialization_format="pickle", metadata=metadata,
-            # Given explicitly: inferring them costs ~3 s per model and can pick up the wrong torch.
-            pip_requirements=[_pin("torch"), _pin("torchvision"), _pin("mlflow"), _pin("pillow")],
-        )
+        local.mkdir()
+        torch.save(checkpoint["state_dict"], local / WEIGHTS_FILE)
+        sha256 = _sha256(local / WEIGHTS_FILE)
+        write_json(local / META_FILE, {"format": FORMAT, **meta, SHA_TAG: sha256})
         client.log_artifacts(parent_run_id, str(local), f"{ARTIFACT_DIR}/{model}")
     source = f"{client.get_run(parent_run_id).info.artifact_uri}/{ARTIFACT_DIR}/{model}"
-    tags = {"model": model, "arch": meta["arch"], "profile": config.profile,
-            "val_top1": str(meta.get("val_top1")), "epoch": str(meta.get("epoch"))}
+    tags = {"model": model, "arch": meta["arch"], "profile": config.profile, "val_top1": str(meta.get("val_top1")),
+            "epoch": str(meta.get("epoch")), FORMAT_TAG: FORMAT, SHA_TAG: sha256}
     version = client.create_model_version(
         name, source, run_id=parent_run_id, tags=tags,
         description=f"{model} ({meta['arch']}, {meta['num_classes']} classes) from benchmark {parent_run_id}",
@@ -131,15 +150,20 @@ def _register_one(config: Config, client: MlflowClient, name: str, parent_run_id
 
 
 def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
-    """A torchvision network in eval mode from a best.pt, and its metadata (everything but weights)."""
-    import torch
-    import torchvision
+    """A network in eval mode from a best.pt, and its metadata (everything but the weights)."""
+    checkpoint = _read_checkpoint(path)
+    meta = _checkpoint_meta(checkpoint)
+    return _build(meta["arch"], meta["num_classes"], checkpoint["state_dict"], str(path)), meta
 
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    network = torchvision.models.get_model(checkpoint["arch"], weights=None, num_classes=checkpoint["num_classes"])
-    network.load_state_dict(checkpoint["state_dict"])
-    network.eval()
-    meta = {
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _checkpoint_meta(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    return {
         "arch": checkpoint["arch"],
         "num_classes": int(checkpoint["num_classes"]),
         "image_size": int(checkpoint["image_size"]),
@@ -150,10 +174,21 @@ def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
         "epoch": int(checkpoint["epoch"]) if checkpoint.get("epoch") is not None else None,
         "val_top1": float(checkpoint["val_top1"]) if checkpoint.get("val_top1") is not None else None,
     }
-    return network, meta
 
 
-# --- predicting --------------------------------------------------------------------------------
+def _build(arch: str, num_classes: int, state_dict: dict[str, Any], what: str) -> Any:
+    """The architecture by name with these weights, in eval mode; a mismatch names `what`."""
+    from food101.models import build_model
+
+    try:
+        network = build_model(arch, num_classes, pretrained=False)
+        network.load_state_dict(state_dict)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise UntrustedModel(f"{what}: the weights do not fit {arch!r} with {num_classes} classes ({exc})") from exc
+    return network.eval()
+
+
+# --- loading -----------------------------------------------------------------------------------
 
 
 @dataclass
@@ -164,35 +199,92 @@ class LoadedModel:
     version: str
 
 
-def load_champion(config: Config, alias: str = CHAMPION) -> LoadedModel:
-    """The model behind `models:/<name>@<alias>`, on the CPU in eval mode, with its metadata."""
-    import mlflow.artifacts
-    import mlflow.pytorch
-    from mlflow.models import Model
+def latest_champion_profile(config: Config) -> str:
+    """The profile whose champion a benchmark registered most recently (a predict without --profile)."""
+    client = _registry_client(config, hint="run a benchmark first: food101 run --profile demo")
+    try:
+        found = client.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")
+        champions = [(int(client.get_model_version(m.name, m.aliases[CHAMPION]).creation_timestamp or 0),
+                      m.name.removeprefix(PREFIX)) for m in found if CHAMPION in (m.aliases or {})]
+    except MlflowException as exc:
+        raise _unavailable(config, exc) from exc
+    if not champions:
+        raise NoChampionError(f"no champion model registered in MLflow at {tracking_uri(config)}; "
+                              "run a benchmark first: food101 run --profile demo")
+    return max(champions)[1]
 
-    name = registered_model_name(config)
-    uri = tracking_uri(config)
-    hint = f"run a benchmark first: food101 run --profile {config.profile}"
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise NoChampionError(f"no model registry at {uri} (no benchmark has run here yet); {hint}")
-    client = client_for(config)
+
+def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = None) -> LoadedModel:
+    """The model behind `models:/<name>@<alias>`, on the CPU in eval mode, with its metadata.
+
+    Only a version this pipeline registered is loaded, and only as data (see the module's doc).
+    """
+    import torch
+
+    name = registered_model_name(config, profile)
+    hint = f"run a benchmark first: food101 run --profile {profile or config.profile}"
+    client = _registry_client(config, hint)
     try:
         version = client.get_model_version_by_alias(name, alias)
         source = client.get_model_version_download_uri(name, version.version)
     except MlflowException as exc:
         if exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST) or "not found" in str(exc).lower():
             raise NoChampionError(
-                f"no model registered as {name}@{alias} in MLflow at {uri}; {hint}{_other_profiles(client, name)}"
+                f"no model registered as {name}@{alias} in MLflow at {tracking_uri(config)}; "
+                f"{hint}{_other_profiles(client, name)}"
             ) from exc
-        raise RegistryUnavailable(
-            f"cannot reach the MLflow registry at {uri}: {exc}. Start the server (make mlflow-server) "
-            "or unset MLFLOW_TRACKING_URI to use the project's mlflow.db"
-        ) from exc
-    local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri)
-    network = mlflow.pytorch.load_model(local, map_location="cpu")
-    network.eval()
-    meta = Model.load(local).metadata or {}
+        raise _unavailable(config, exc) from exc
+    what = f"version {version.version} of {name} (alias {alias})"
+    recorded = version.tags.get(SHA_TAG)
+    if version.tags.get(FORMAT_TAG) != FORMAT or not recorded:
+        raise UntrustedModel(
+            f"{what} was not registered by this pipeline (no {FORMAT_TAG}/{SHA_TAG} tags), so it is not "
+            f"loaded: it may hold code. Point the alias at a version a benchmark registered "
+            f"(MlflowClient().set_registered_model_alias) or {hint}"
+        )
+    with tempfile.TemporaryDirectory(prefix="food101-champion-") as folder:
+        meta_path, weights_path = (_download(f"{source}/{file}", Path(folder), config, what)
+                                   for file in (META_FILE, WEIGHTS_FILE))
+        meta = _read_meta(meta_path, what)
+        actual = _sha256(weights_path)
+        if not (meta.get(SHA_TAG) == recorded == actual):
+            raise UntrustedModel(
+                f"{what}: {WEIGHTS_FILE} has sha256 {actual}, but {recorded} was recorded at registration "
+                f"(its {META_FILE} says {meta.get(SHA_TAG)}); the files changed since: {hint}"
+            )
+        try:
+            state = torch.load(weights_path, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as exc:
+            # weights_only refuses anything but tensors and plain containers
+            raise UntrustedModel(f"{what}: {WEIGHTS_FILE} is not a plain state dict ({exc})") from exc
+    if not isinstance(state, dict):
+        raise UntrustedModel(f"{what}: {WEIGHTS_FILE} holds a {type(state).__name__}, not a state dict")
+    network = _build(meta["arch"], int(meta["num_classes"]), state, what)
     return LoadedModel(network=network, meta=meta, name=name, version=str(version.version))
+
+
+def _download(uri: str, folder: Path, config: Config, what: str) -> Path:
+    import mlflow.artifacts
+
+    try:
+        return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder),
+                                                        tracking_uri=tracking_uri(config)))
+    except (MlflowException, OSError) as exc:
+        raise RegistryError(f"{what}: cannot download {uri} ({exc}); re-run the benchmark to register it again") from exc
+
+
+def _read_meta(path: Path, what: str) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UntrustedModel(f"{what}: {META_FILE} is not valid JSON ({exc})") from exc
+    missing = [key for key in (*META_KEYS, SHA_TAG) if not isinstance(meta, dict) or key not in meta]
+    if missing or meta.get("format") != FORMAT:
+        raise UntrustedModel(f"{what}: {META_FILE} is not this pipeline's (format {FORMAT}; missing {missing})")
+    return meta
+
+
+# --- predicting --------------------------------------------------------------------------------
 
 
 def photo_tensor(path: Path, resize: int, crop: int, image_size: int, mean: list[float], std: list[float]):
@@ -206,8 +298,7 @@ def photo_tensor(path: Path, resize: int, crop: int, image_size: int, mean: list
     from tasks.preprocess import load_image
 
     path = Path(path)
-    if not path.is_file():
-        raise PhotoError(f"photo not found: {path}")
+    _check_photo(path)
     try:
         pixels = load_image(path, resize, crop)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -220,26 +311,46 @@ def photo_tensor(path: Path, resize: int, crop: int, image_size: int, mean: list
     return (x[0] - mean_t) / std_t
 
 
-def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHAMPION) -> list[dict[str, Any]]:
-    """Top-k dishes for each photo from the registry's champion.
+def _check_photo(path: Path) -> None:
+    """Refuse a missing file, a non-image and a decompression bomb from the header alone."""
+    from PIL import Image, UnidentifiedImageError
 
-    Returns one dict per photo: {"photo", "model", "version", "top": [{"class", "dish",
-    "probability"}, ...]} with probabilities in decreasing order. Photos are preprocessed with the
-    resize/crop recorded with the model, so any profile's config can predict with it.
+    if not path.is_file():
+        raise PhotoError(f"photo not found: {path}")
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as image:  # reads the header, decodes nothing
+            width, height = image.size
+    except Image.DecompressionBombError as exc:
+        raise PhotoError(f"{path} is too large to be a photo ({exc}); pass a photo under {limit} pixels") from exc
+    except UnidentifiedImageError as exc:
+        raise PhotoError(f"{path} is not an image Pillow can read; pass a JPEG or PNG photo") from exc
+    except OSError as exc:
+        raise PhotoError(f"cannot read photo {path}: {exc}") from exc
+    if limit and width * height > limit:
+        raise PhotoError(f"{path} is too large to be a photo ({width}x{height} pixels, over {limit}); "
+                         "pass a smaller photo")
+
+
+def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHAMPION,
+            profile: str | None = None) -> list[dict[str, Any]]:
+    """Top-k dishes for each photo from the champion of `profile` (default: the config's).
+
+    Returns one dict per photo: {"photo", "model", "version", "registered_model", "top": [{"class",
+    "dish", "probability"}, ...]} with probabilities in decreasing order. Photos are preprocessed
+    with the resize/crop recorded with the model, so any profile's config can predict with it.
     """
     import torch
 
     photos = [Path(p) for p in photos]
     if not photos:
         raise PhotoError("no photos given: pass one or more image files")
-    for photo in photos:  # fail on a bad path before spending time on the registry
-        if not photo.is_file():
-            raise PhotoError(f"photo not found: {photo}")
-    loaded = load_champion(config, alias)
+    for photo in photos:  # fail on a bad photo before spending time on the registry
+        _check_photo(photo)
+    loaded = load_champion(config, alias, profile)
     meta = loaded.meta
     batch = torch.stack([
-        photo_tensor(p, meta.get("resize", config.preprocess.resize), meta.get("crop", config.preprocess.crop),
-                     meta["image_size"], meta["mean"], meta["std"])
+        photo_tensor(p, meta["resize"], meta["crop"], meta["image_size"], meta["mean"], meta["std"])
         for p in photos
     ])
     with torch.inference_mode():
@@ -252,6 +363,7 @@ def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHA
             "photo": str(photo),
             "model": meta.get("model"),
             "version": loaded.version,
+            "registered_model": loaded.name,
             "top": [
                 {"class": meta["classes"][i], "dish": meta["display"][i], "probability": p}
                 for p, i in zip(values, indices, strict=True)
@@ -265,6 +377,28 @@ def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHA
 
 def _best_path(config: Config, model: str) -> Path:
     return config.paths.models / model / "best.pt"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _registry_client(config: Config, hint: str) -> MlflowClient:
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise NoChampionError(f"no model registry at {uri} (no benchmark has run here yet); {hint}")
+    return client_for(config)
+
+
+def _unavailable(config: Config, exc: Exception) -> RegistryUnavailable:
+    return RegistryUnavailable(
+        f"cannot reach the MLflow registry at {tracking_uri(config)}: {exc}. Start the server (make "
+        "mlflow-server) or unset MLFLOW_TRACKING_URI to use the project's mlflow.db"
+    )
 
 
 def _ensure_registered_model(client: MlflowClient, name: str, config: Config) -> None:
@@ -291,13 +425,9 @@ def _alias_version(client: MlflowClient, name: str, alias: str):
 def _other_profiles(client: MlflowClient, name: str) -> str:
     """A hint naming the profiles that do have a champion (a demo run registers food101-classifier-demo)."""
     try:
-        found = client.search_registered_models(filter_string="name LIKE 'food101-classifier-%'")
+        found = client.search_registered_models(filter_string=f"name LIKE '{PREFIX}%'")
     except MlflowException:
         return ""
-    others = sorted(m.name.removeprefix("food101-classifier-") for m in found
+    others = sorted(m.name.removeprefix(PREFIX) for m in found
                     if m.name != name and CHAMPION in (m.aliases or {}))
     return f" (champions exist for profiles {others}: pass --profile NAME)" if others else ""
-
-
-def _pin(package: str) -> str:
-    return f"{package}=={package_version(package).split('+')[0]}"

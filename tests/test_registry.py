@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ import torchvision
 
 from food101 import registry
 from food101.tracking import client_for, finish_run, start_benchmark_run
-from tests.conftest import SAMPLE, make_config, single_torch_thread
+from tests.conftest import REPO, SAMPLE, make_config, single_torch_thread
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -40,10 +43,12 @@ def registered(tmp_path_factory):
         for seed, model in enumerate(MODELS):
             write_best(config, model, seed)
         first_run = start_benchmark_run(config)
-        first = registry.register_models(config, first_run.run_id, MODELS, recommended="efficientnet_b0")
+        first = registry.promote_champion(
+            config, registry.register_models(config, first_run.run_id, MODELS, recommended="efficientnet_b0"))
         finish_run(first_run)
         second_run = start_benchmark_run(config)
-        second = registry.register_models(config, second_run.run_id, MODELS, recommended="resnet50")
+        second = registry.promote_champion(
+            config, registry.register_models(config, second_run.run_id, MODELS, recommended="resnet50"))
         finish_run(second_run)
         yield config, first, second
 
@@ -58,6 +63,11 @@ def test_every_model_registered_and_champion_on_the_recommended(registered):
     tags = {client.get_model_version(name, v).tags["model"] for v in first["versions"].values()}
     assert tags == set(MODELS)
     assert first["champion"] == {"model": "efficientnet_b0", "version": first["versions"]["efficientnet_b0"]}
+    # Each version is data: a state dict and its JSON, no pickled model (no MLmodel flavour).
+    version = client.get_model_version(name, first["versions"]["resnet50"])
+    files = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(version.run_id, "registry/resnet50")}
+    assert files == {registry.WEIGHTS_FILE, registry.META_FILE}
+    assert version.tags[registry.FORMAT_TAG] == registry.FORMAT and len(version.tags[registry.SHA_TAG]) == 64
 
 
 def test_second_registration_moves_old_champion_to_previous(registered):
@@ -180,3 +190,144 @@ def test_mlflow_pickle_advice_is_dropped_and_other_warnings_still_show(tmp_path:
     finally:
         logger.removeFilter(advisory)
     assert "by Pickle" not in err and "another mlflow.pytorch warning" in err
+
+
+class _RunsACommandWhenUnpickled(torch.nn.Module):
+    """A valid nn.Module for MLflow whose pickle runs a shell command on load (touches `sentinel`)."""
+
+    def __init__(self, sentinel: Path) -> None:
+        super().__init__()
+        self.sentinel = sentinel
+        self.linear = torch.nn.Linear(3, 5)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.sentinel}",)
+
+
+def test_a_pickled_champion_registered_by_someone_else_is_refused_not_loaded(tmp_path: Path) -> None:
+    """Finding 5: whoever can write the store registers a pickled model and points `champion` at it."""
+    import mlflow.pytorch
+
+    config = make_config(tmp_path)
+    sentinel = tmp_path / "PWNED"
+    client = client_for(config)
+    name = registry.registered_model_name(config)
+    run = start_benchmark_run(config)
+    local = tmp_path / "evil-model"
+    mlflow.pytorch.save_model(_RunsACommandWhenUnpickled(sentinel), local, serialization_format="pickle",
+                              pip_requirements=["torch"])
+    client.log_artifacts(run.run_id, str(local), "evil")
+    finish_run(run)
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/evil", run_id=run.run_id,
+                                          tags={"model": "resnet50"})
+    client.set_registered_model_alias(name, registry.CHAMPION, version.version)
+
+    photo = next((SAMPLE / "images" / "apple_pie").glob("*.jpg"))
+    with pytest.raises(registry.UntrustedModel, match=rf"version {version.version} of {name}"):
+        registry.predict(config, [photo])
+    assert not sentinel.exists()
+    done = subprocess.run([sys.executable, "-m", "food101", "predict", "--profile", "demo", str(photo)],
+                          cwd=REPO, env=_env_for(config), capture_output=True, text=True, check=False)
+    assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+    assert f"version {version.version} of {name}" in done.stderr and "Traceback" not in done.stderr
+    assert not sentinel.exists()
+
+
+def test_weights_changed_after_registration_are_refused(tmp_path: Path) -> None:
+    """The sha256 recorded at registration is checked before the weights are read."""
+    with single_torch_thread():
+        config = make_config(tmp_path)
+        write_best(config, "resnet50", 0)
+        run = start_benchmark_run(config)
+        registry.promote_champion(config, registry.register_models(config, run.run_id, ["resnet50"], "resnet50"))
+        finish_run(run)
+        weights = next(config.paths.tracking_artifacts.rglob(registry.WEIGHTS_FILE))
+        state = torch.load(weights, weights_only=True)
+        state[next(iter(state))].zero_()
+        torch.save(state, weights)
+        photo = next((SAMPLE / "images" / "apple_pie").glob("*.jpg"))
+        with pytest.raises(registry.UntrustedModel, match="sha256"):
+            registry.predict(config, [photo])
+
+
+def test_champion_stays_when_the_regression_gate_fails(tmp_path: Path) -> None:
+    """Finding 5b: a benchmark that raises RegressionDetected registers its versions but leaves
+    `champion` on the model it had."""
+    from flows.benchmark import register_and_gate
+    from food101.history import RegressionDetected
+
+    with single_torch_thread():
+        config = make_config(tmp_path, alerts__fail_on_regression=True)
+        for seed, model in enumerate(MODELS[:2]):
+            write_best(config, model, seed)
+        name = registry.registered_model_name(config)
+        client = client_for(config)
+        clean = {"previous": None, "regressions": []}
+        first = start_benchmark_run(config)
+        kept = register_and_gate(config, first.run_id, MODELS[:2], "resnet50", clean)
+        finish_run(first)
+        regressed = {"previous": {"run_id": first.run_id},
+                     "regressions": [{"model": "efficientnet_b0", "metric": "top1", "reason": "fell 20 points"}]}
+        second = start_benchmark_run(config)
+        with pytest.raises(RegressionDetected):
+            register_and_gate(config, second.run_id, MODELS[:2], "efficientnet_b0", regressed)
+        finish_run(second, "FAILED")
+        assert len(client.search_model_versions(f"name = '{name}'")) == 4  # registered, for the record
+        champion = client.get_model_version_by_alias(name, registry.CHAMPION)
+        assert str(champion.version) == kept["champion"]["version"] and champion.tags["model"] == "resnet50"
+        # With the gate passing, the same call moves it.
+        third = start_benchmark_run(config)
+        moved = register_and_gate(config, third.run_id, MODELS[:2], "efficientnet_b0", clean)
+        finish_run(third)
+        assert str(client.get_model_version_by_alias(name, registry.CHAMPION).version) == moved["champion"]["version"]
+
+
+def _env_for(config) -> dict[str, str]:
+    return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{config.paths.tracking_db}"}
+
+
+def test_predict_without_profile_uses_the_latest_champion_and_names_it(registered) -> None:
+    """Issue 12: after a demo benchmark, `food101 predict photo.jpg` works and says it used demo."""
+    config, _, _ = registered
+    photo = next((SAMPLE / "images" / "bibimbap").glob("*.jpg"))
+    done = subprocess.run([sys.executable, "-m", "food101", "predict", str(photo)], cwd=REPO, env=_env_for(config),
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "profile demo" in done.stdout
+    dishes = set((SAMPLE / "meta" / "labels.txt").read_text().splitlines())
+    ranked = [line.split("%", 1)[1].strip() for line in done.stdout.splitlines() if "%" in line]
+    assert len(ranked) == 5 and set(ranked) <= dishes
+
+
+def test_predict_refuses_a_decompression_bomb_and_a_non_image_in_one_line(registered, tmp_path: Path) -> None:
+    from PIL import Image
+
+    config, _, _ = registered
+    bomb = tmp_path / "bomb.png"
+    Image.new("1", (20000, 20000)).save(bomb)  # 400 M pixels, a few kB on disk
+    assert bomb.stat().st_size < 1_000_000
+    text = tmp_path / "notes.jpg"
+    text.write_text("a shopping list, not a photo\n")
+    for photo, expected in ((bomb, "too large"), (text, "not an image")):
+        done = subprocess.run([sys.executable, "-m", "food101", "predict", "--profile", "demo", str(photo)],
+                              cwd=REPO, env=_env_for(config), capture_output=True, text=True, check=False)
+        assert done.returncode == 2, done.stdout + done.stderr[-3000:]
+        assert "Traceback" not in done.stderr and str(photo) in done.stderr and expected in done.stderr
+        assert len([line for line in done.stderr.splitlines() if line.startswith("error:")]) == 1
+
+
+def test_latest_champion_profile_is_the_one_registered_last(registered, tmp_path: Path) -> None:
+    config, _, _ = registered
+    assert registry.latest_champion_profile(config) == "demo"
+    quick = make_config(tmp_path, profile="quick", paths__tracking_db=str(config.paths.tracking_db),
+                        paths__tracking_artifacts=str(config.paths.tracking_artifacts))
+    with single_torch_thread():
+        write_best(quick, "resnet50", 7)
+        run = start_benchmark_run(quick)
+        registry.promote_champion(quick, registry.register_models(quick, run.run_id, ["resnet50"], "resnet50"))
+        finish_run(run)
+    assert registry.latest_champion_profile(config) == "quick"
+    assert registry.latest_champion_profile(quick) == "quick"
