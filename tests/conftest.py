@@ -35,14 +35,27 @@ from food101 import env  # noqa: E402
 env.configure(REPO)
 
 
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Remove this run's state (Prefect, DVC and torch homes: hundreds of MB a run); keep the template DB."""
+    shutil.rmtree(_STATE, ignore_errors=True)
+
+
 def _seed_tracking_db(db: Path) -> None:
-    """Copy a migrated, empty MLflow database into place: migrating a new one costs 5-15 s here."""
-    template = _STATE / "mlflow-template.db"
+    """Copy a migrated, empty MLflow database into place: migrating a new one costs 5-15 s here.
+
+    The template outlives the session (one file per MLflow version, beside the per-run state);
+    it is built in this run's folder and renamed into place, so parallel sessions never see half of one.
+    """
+    from importlib.metadata import version
+
+    template = _STATE.parent / f"mlflow-template-{version('mlflow')}.db"
     if not template.exists():
         from mlflow.tracking import MlflowClient
 
-        template.parent.mkdir(parents=True, exist_ok=True)
-        MlflowClient(f"sqlite:///{template}").search_experiments()
+        building = _STATE / template.name
+        building.parent.mkdir(parents=True, exist_ok=True)
+        MlflowClient(f"sqlite:///{building}").search_experiments()
+        os.replace(building, template)
     if not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, db)
