@@ -7,11 +7,18 @@ Sources (`data.source`):
 - `food101`: `data.url` is downloaded to `paths.raw/food-101.tar.gz` (resumable, retried,
   MD5-verified), then extracted under `paths.raw`.
 
-Safe to re-run and to run twice at once: a finished, verified download or extraction is found
-and reused (check, take a file lock, check again). Extraction refuses any member that would land
-outside the extraction root (absolute paths, `..`, links pointing out) and uses tarfile's "data"
-filter; it extracts into a staging folder that is renamed into place, so a killed run never
-leaves a half tree where the next run would trust it.
+Safe to re-run and to run twice at once: work happens under a file lock, and a finished, verified
+extraction is found and reused. An archive is used only with a 32-hex `data.md5` (verification
+cannot be switched off) and only over http(s) for `data.url`.
+
+Extraction does not trust tarfile's "data" filter alone (CVE-2025-4517 and its relatives bypass it
+on the Pythons we support): every member is checked before anything is written, and only regular
+files and folders with plain relative names are accepted (no links of either kind, devices or
+FIFOs, no `..`, no NUL, no duplicates), within bounds on member count and size. The stage then
+writes each file itself through folder descriptors it created, with O_CREAT|O_EXCL|O_NOFOLLOW, so
+no write can follow a link. It extracts into a marked staging folder that is renamed into place, so
+a killed run never leaves a half tree where the next run would trust it; the next run removes such
+folders.
 
 The subset (`data.classes`, `data.train_per_class`, `data.test_per_class`) is not applied here:
 validate selects the rows when it builds the manifest, so no image is ever copied.
@@ -24,21 +31,25 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import tarfile
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
+from urllib.parse import urlsplit
 
 import requests
+import urllib3
 from prefect import task
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from food101.config import Config
 from food101.errors import Food101Error, StageOutputMissing
-from food101.io import read_json, replace_dir, staging_dir, write_json
+from food101.io import read_json, replace_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +57,13 @@ ARCHIVE_NAME = "food-101.tar.gz"
 EXTRACTED_NAME = "food-101"  # the official archive's top folder
 REQUIRED_META = ("classes.txt", "labels.txt", "train.txt", "test.txt")
 EXTRACTED_MARKER = ".food101-extracted.json"  # written inside the tree before it is renamed into place
+EXTRACTING_MARKER = ".food101-extracting.json"  # marks a staging folder as this stage's own
+MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+# The official archive holds about 101,200 members, 5.0 GB once extracted; twice that leaves room
+# for a repacked copy and still stops an archive bomb before it fills the disk.
+MAX_ARCHIVE_MEMBERS = 250_000
+MAX_EXTRACTED_BYTES = 10 * 10**9
+MAX_MEMBER_NAME = 1024  # Food-101's longest member name is under 60 characters
 CHUNK_BYTES = 1 << 20
 NETWORK_CHUNK_BYTES = 1 << 16  # a connection cut mid-read loses at most this much of the partial file
 BACKOFF_BASE_S = 1.0
@@ -151,6 +169,28 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
+def require_md5(value: object) -> str:
+    """The configured archive MD5, lower-case; anything but 32 hex digits is refused, never skipped."""
+    if not isinstance(value, str) or not MD5_HEX.fullmatch(value.strip()):
+        raise DownloadError(
+            f"data.md5 is {value!r}, not a 32-hex-digit MD5: an archive is only extracted after its "
+            "checksum is verified, and verification cannot be turned off. Set data.md5 to the "
+            "archive's MD5 (params.yaml holds the official one)."
+        )
+    return value.strip().lower()
+
+
+def require_http_url(url: str) -> str:
+    """Only http(s) is fetched; a file on this machine is data.source=local."""
+    parts = urlsplit(str(url))
+    if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
+        raise DownloadError(
+            f"data.url {url!r}: only http:// and https:// URLs are supported; for a file on this "
+            "machine use data.source=local with data.local_path=<the .tar.gz or the extracted folder>"
+        )
+    return url
+
+
 # --- HTTP download -------------------------------------------------------------------------------
 
 
@@ -168,6 +208,7 @@ def http_download(
     (`retries` times); other HTTP errors are not. The finished file is MD5-checked before it is
     renamed onto `dest`: a mismatch deletes it and raises ChecksumError.
     """
+    require_http_url(url)
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -212,7 +253,8 @@ def verify_md5(path: Path, expected: str, origin: str) -> str:
 
 def _fetch_into(session: requests.Session, url: str, part: Path, timeout_s: float) -> None:
     have = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={have}-"} if have else {}
+    # The archive's own bytes: a server adding Content-Encoding: gzip must not get them decoded.
+    headers = {"Accept-Encoding": "identity"} | ({"Range": f"bytes={have}-"} if have else {})
     with session.get(url, headers=headers, stream=True, timeout=timeout_s) as response:
         if response.status_code == 416 and have:
             # Range not satisfiable: the partial file is already whole (or longer than the file).
@@ -242,10 +284,10 @@ def _fetch_into(session: requests.Session, url: str, part: Path, timeout_s: floa
             desc=part.name.removesuffix(".part"), disable=None,
         ) as bar:
             try:
-                for block in response.iter_content(NETWORK_CHUNK_BYTES):
+                for block in response.raw.stream(NETWORK_CHUNK_BYTES, decode_content=False):
                     handle.write(block)
                     bar.update(len(block))
-            except requests.exceptions.ChunkedEncodingError as exc:
+            except (urllib3.exceptions.ProtocolError, urllib3.exceptions.ReadTimeoutError) as exc:
                 raise _IncompleteBody(f"connection to {url} ended early: {exc}") from exc
     size = part.stat().st_size
     if total is not None and size < total:
@@ -271,33 +313,161 @@ def _content_range_total(value: str) -> int | None:
 # --- archives ----------------------------------------------------------------------------------
 
 
-def check_members(members: list[tarfile.TarInfo], root: Path) -> int:
-    """Refuse members that would escape `root`; return the total uncompressed size in bytes."""
-    root = Path(root).resolve()
+def _member_parts(member: tarfile.TarInfo) -> tuple[str, ...]:
+    """The member's path as plain components below the extraction folder; refuse anything else."""
+    name = member.name
+    if len(name) > MAX_MEMBER_NAME:
+        raise UnsafeArchiveError(f"archive member {name[:80]!r}... has a {len(name)}-character name, longer "
+                                 f"than {MAX_MEMBER_NAME}; refusing to extract this archive")
+    if "\0" in name:
+        raise UnsafeArchiveError(f"archive member {name!r} has a NUL byte in its name; refusing to extract "
+                                 "this archive")
+    if name.startswith("/"):
+        raise UnsafeArchiveError(
+            f"archive member {name!r} has an absolute path; refusing to extract this archive"
+        )
+    parts = tuple(part for part in name.split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise UnsafeArchiveError(
+            f"archive member {name!r} would be written outside the extraction folder; refusing to "
+            "extract this archive (it is not the official Food-101 archive)"
+        )
+    return parts
+
+
+def _kind(member: tarfile.TarInfo) -> str:
+    kinds = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link", tarfile.CHRTYPE: "device",
+             tarfile.BLKTYPE: "device", tarfile.FIFOTYPE: "FIFO"}
+    return "sparse file" if member.issparse() else kinds.get(member.type, f"member of type {member.type!r}")
+
+
+def check_members(members: list[tarfile.TarInfo], root: Path) -> list[tuple[tuple[str, ...], tarfile.TarInfo]]:
+    """Check every member before anything is written; return each with its path components.
+
+    Only regular files and folders pass: without links no member can redirect where a later one
+    lands, which is what every tarfile filter bypass so far needs. Bounds stop archive bombs.
+    """
+    if len(members) > MAX_ARCHIVE_MEMBERS:
+        raise UnsafeArchiveError(
+            f"the archive has {len(members)} members, at most {MAX_ARCHIVE_MEMBERS} are accepted (the "
+            "official Food-101 archive has about 101,200); refusing to extract this archive"
+        )
+    planned: list[tuple[tuple[str, ...], tarfile.TarInfo]] = []
+    files: set[tuple[str, ...]] = set()
+    folders: set[tuple[str, ...]] = set()
     total = 0
     for member in members:
-        if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-            raise UnsafeArchiveError(f"archive member {member.name!r} is a device or special file; refusing it")
-        if os.path.isabs(member.name) or member.name.startswith(("/", "\\")):
+        parts = _member_parts(member)
+        if member.isdir():
+            folders.add(parts)
+        elif member.isreg() and not member.issparse() and parts:
+            if parts in files:
+                raise UnsafeArchiveError(f"archive member {member.name!r} appears twice; refusing to extract "
+                                         "this archive")
+            files.add(parts)
+            total += member.size
+        else:
             raise UnsafeArchiveError(
-                f"archive member {member.name!r} has an absolute path; refusing to extract this archive"
+                f"archive member {member.name!r} is a {_kind(member)}; only regular files and folders are "
+                "accepted, refusing to extract this archive (it is not the official Food-101 archive)"
             )
-        target = (root / member.name).resolve()
-        if not target.is_relative_to(root):
-            raise UnsafeArchiveError(
-                f"archive member {member.name!r} would be written outside {root}; refusing to extract "
-                "this archive (it is not the official Food-101 archive)"
-            )
-        if member.issym() or member.islnk():
-            base = target.parent if member.issym() else root
-            link = (base / member.linkname).resolve()
-            if os.path.isabs(member.linkname) or not link.is_relative_to(root):
-                raise UnsafeArchiveError(
-                    f"archive member {member.name!r} links to {member.linkname!r}, outside {root}; "
-                    "refusing to extract this archive"
-                )
-        total += max(member.size, 0) if member.isfile() else 0
-    return total
+        if hasattr(tarfile, "data_filter"):  # a second opinion; never the only check
+            tarfile.data_filter(member, str(root))
+        planned.append((parts, member))
+    clashes = [parts for parts, _ in planned if parts in files and parts in folders] + [
+        parts for parts, _ in planned for cut in range(1, len(parts)) if parts[:cut] in files]
+    if clashes:
+        raise UnsafeArchiveError(f"archive member {'/'.join(clashes[0])!r} is both a file and a folder; "
+                                 "refusing to extract this archive")
+    if total > MAX_EXTRACTED_BYTES:
+        raise UnsafeArchiveError(
+            f"the archive would extract to {total} bytes, at most {MAX_EXTRACTED_BYTES} bytes are accepted "
+            "(the official Food-101 archive holds about 5.0 GB); refusing to extract this archive"
+        )
+    return planned
+
+
+def write_members(tar: tarfile.TarFile, planned: list[tuple[tuple[str, ...], tarfile.TarInfo]],
+                  root: Path) -> None:
+    """Write checked members under `root` without ever following a link.
+
+    Folders are made and opened one component at a time relative to their parent's descriptor
+    (O_NOFOLLOW), and files are created with O_CREAT|O_EXCL|O_NOFOLLOW: nothing already on disk,
+    and nothing the archive put there, can send a write elsewhere.
+    """
+    folder_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    opened = {(): os.open(root, folder_flags)}
+
+    def folder(parts: tuple[str, ...]) -> int:
+        if parts in opened:
+            return opened[parts]
+        if len(opened) > 1024:  # bound the open descriptors on archives with many folders
+            for key in [key for key in opened if key]:
+                os.close(opened.pop(key))
+        known = len(parts)
+        while parts[:known] not in opened:
+            known -= 1
+        descriptor = opened[parts[:known]]
+        for end in range(known + 1, len(parts) + 1):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parts[end - 1], 0o755, dir_fd=descriptor)
+            descriptor = opened[parts[:end]] = os.open(parts[end - 1], folder_flags, dir_fd=descriptor)
+        return descriptor
+
+    total = sum(member.size for _, member in planned if member.isreg())
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="extract",
+                  disable=None) as bar:
+            for parts, member in planned:
+                if member.isdir():
+                    folder(parts)
+                    continue
+                fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o644, dir_fd=folder(parts[:-1]))
+                with os.fdopen(fd, "wb") as out, tar.extractfile(member) as source:  # type: ignore[union-attr]
+                    written = _copy(source, out, bar)
+                if written != member.size:
+                    raise DownloadError(f"archive member {member.name!r} ended after {written} of "
+                                        f"{member.size} bytes; delete the archive and download it again")
+    finally:
+        for descriptor in opened.values():
+            os.close(descriptor)
+
+
+def _copy(source: IO[bytes], out: IO[bytes], bar: tqdm) -> int:
+    written = 0
+    while block := source.read(CHUNK_BYTES):
+        out.write(block)
+        written += len(block)
+        bar.update(len(block))
+    return written
+
+
+def extraction_folder(dest: Path) -> Path:
+    """A fresh staging folder next to `dest`, marked as this stage's so a later run may remove it."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{dest.name}.extract-", dir=dest.parent))
+    stage.chmod(0o755)
+    write_json(stage / EXTRACTING_MARKER, {"pid": os.getpid(), "for": str(dest)})
+    return stage
+
+
+def remove_leftovers(dest: Path) -> None:
+    """Remove staging folders a killed run left next to `dest` (up to the archive's size each).
+
+    Called under the download lock, so none is in use. Only folders this stage names and made are
+    touched: `.<name>.extract-*` holding the marker (or still empty), and `.<name>.tmp-*`, the name
+    its extraction used before the marker existed.
+    """
+    candidates = [*dest.parent.glob(f".{dest.name}.extract-*"), *dest.parent.glob(f".{dest.name}.tmp-*")]
+    for folder in candidates:
+        if folder.is_symlink() or not folder.is_dir():
+            continue
+        legacy = folder.name.startswith(f".{dest.name}.tmp-")
+        if not (legacy or (folder / EXTRACTING_MARKER).is_file() or not any(folder.iterdir())):
+            continue
+        log.info("removing %s, left by an interrupted run of the download stage", folder)
+        shutil.rmtree(folder)
 
 
 def extract_archive(archive: Path, dest: Path, archive_md5: str) -> Path:
@@ -307,26 +477,30 @@ def extract_archive(archive: Path, dest: Path, archive_md5: str) -> Path:
     next to `dest`, whose dataset root is renamed onto `dest` once complete.
     """
     dest = Path(dest)
+    stage = extraction_folder(dest)
+    tree_parent = stage / "tree"
+    tree_parent.mkdir(mode=0o755)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            stage = staging_dir(dest)
-            try:
-                needed = check_members(members, stage)
-                check_free_space(stage, needed, f"extracting {archive}")
-                tar.extractall(stage, members=members, filter="data")
-                tree = _dataset_root_in(stage)
-                check_layout(tree)
-                write_json(tree / EXTRACTED_MARKER, {"archive": str(archive), "archive_md5": archive_md5})
-                replace_dir(dest, tree)
-            finally:
-                shutil.rmtree(stage, ignore_errors=True)
+            planned = check_members(tar.getmembers(), tree_parent)
+            needed = sum(member.size for _, member in planned if member.isreg())
+            check_free_space(stage, needed, f"extracting {archive}")
+            write_members(tar, planned, tree_parent)
+        tree = _dataset_root_in(tree_parent)
+        check_layout(tree)
+        write_json(tree / EXTRACTED_MARKER, {"archive": str(archive), "archive_md5": archive_md5})
+        replace_dir(dest, tree)
     except tarfile.FilterError as exc:
         raise UnsafeArchiveError(f"{archive}: {exc}; refusing to extract this archive") from exc
     except (tarfile.ReadError, EOFError) as exc:
         raise DownloadError(
             f"{archive} is not a readable .tar.gz ({exc}); delete it and download it again"
         ) from exc
+    except OSError as exc:
+        raise DownloadError(f"could not extract {archive} into {stage}: {exc}; check the disk and "
+                            "paths.raw, then run the download stage again") from exc
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return dest
 
 
@@ -402,12 +576,13 @@ def resolve_dataset(config: Config) -> dict[str, Any]:
                 "or at food-101.tar.gz"
             )
         return _from_archive(config, source, local, fetch_url=None)
-    return _from_archive(config, source, config.paths.raw / ARCHIVE_NAME, fetch_url=config.data.url)
+    return _from_archive(config, source, config.paths.raw / ARCHIVE_NAME,
+                         fetch_url=require_http_url(config.data.url))
 
 
 def _from_archive(config: Config, source: str, archive: Path, fetch_url: str | None) -> dict[str, Any]:
     root = config.paths.raw / EXTRACTED_NAME
-    expected_md5 = config.data.md5.lower()
+    expected_md5 = require_md5(config.data.md5)
 
     def finished() -> dict[str, Any] | None:
         if extracted_is_current(root, expected_md5):
@@ -416,10 +591,9 @@ def _from_archive(config: Config, source: str, archive: Path, fetch_url: str | N
                     "archive_md5": expected_md5, "bytes": 0, "reused": True}
         return None
 
-    if (done := finished()) is not None:
-        return done
     with file_lock(config.paths.raw / ".download.lock"):
-        if (done := finished()) is not None:  # another process finished while we waited
+        remove_leftovers(root)
+        if (done := finished()) is not None:  # found, or another process finished while we waited
             return done
         downloaded = 0
         if fetch_url is not None and not archive.is_file():
