@@ -13,6 +13,17 @@ re-run with the same cache key continues the missing chunks (a chunk not in the 
 rewritten whole, never trusted); the cache appears by rename only when complete. The key hashes
 the manifest rows used and the preprocessing params, so an unchanged input is a no-op and a
 changed param rebuilds.
+
+Trust on read: meta.json records each file's size and the SHA-256 of each HASH_BLOCK_BYTES block,
+hashed from disk once the rows are durable (fixed blocks, not chunks, so the record does not
+depend on how many workers wrote the file). "Up to date" needs every hash to match, else the
+cache is rebuilt with a log line saying why; the reader checks sizes on open and a split's
+hashes the first time that split is read, so a stage never trains or evaluates on a cache that
+changed after it was written. Hashing runs at about 2 GB/s per core (SHA-NI), seconds for the
+14 GB cache across threads, against minutes to hours of the reading stage's own work.
+
+The cache folder is the pipeline's own (food101.io's marker): a folder `paths.cache` names that
+holds anything else is refused before any work, and the disk's free space is checked first.
 """
 
 from __future__ import annotations
@@ -22,10 +33,10 @@ import hashlib
 import json
 import logging
 import math
-import shutil
+import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,7 +50,18 @@ from tqdm import tqdm
 
 from food101.config import Config, PreprocessConfig
 from food101.errors import Food101Error
-from food101.io import fsync_file, read_json, replace_dir, write_json, write_npy, write_parquet
+from food101.io import (
+    check_owned,
+    fsync_file,
+    mark_owned,
+    read_json,
+    remove_owned,
+    replace_dir,
+    require_free_space,
+    write_json,
+    write_npy,
+    write_parquet,
+)
 from food101.processes import process_pool
 
 log = logging.getLogger(__name__)
@@ -60,6 +82,12 @@ SYNC_INTERVAL_S = 0.5
 META_FILE = "meta.json"
 INDEX_FILE = "index.parquet"
 RUN_STAGE_HINT = "run the preprocess stage first: food101 stage preprocess"
+REBUILD_HINT = "run the preprocess stage again (food101 stage preprocess): it rebuilds a changed cache"
+# Files are hashed in blocks of this size (read and hashed in parallel threads).
+HASH_BLOCK_BYTES = 32 * 2**20
+HASH_THREADS = 8
+# Free disk kept beyond the cache's own size: index, labels, meta and the file system's overhead.
+FREE_SPACE_RESERVE = 256 * 2**20
 
 
 class CacheNotReadyError(Food101Error):
@@ -68,6 +96,10 @@ class CacheNotReadyError(Food101Error):
 
 class PreprocessError(Food101Error):
     """A photo that validation let through cannot be decoded, or the manifest is unusable."""
+
+
+class CacheChangedError(CacheNotReadyError):
+    """A cache file's size or hash is not what preprocess recorded when it wrote the file."""
 
 
 # --- pure functions ----------------------------------------------------------------------------
@@ -263,6 +295,52 @@ def labels_file(split: str) -> str:
     return f"{split}_labels.npy"
 
 
+# The files whose sizes and hashes meta.json records.
+CACHE_FILES = (*(name(split) for split in CACHE_SPLITS for name in (images_file, labels_file)), INDEX_FILE)
+# Everything a cache or its staging folder holds: a folder written before ownership markers that
+# holds nothing else is the pipeline's and is adopted; any other file makes the folder foreign.
+CACHE_NAMES = (*CACHE_FILES, META_FILE, PROGRESS_FILE, ".*.tmp-*")
+
+
+def file_record(path: Path, threads: int = HASH_THREADS) -> dict[str, Any]:
+    """What verification compares later: the size and the SHA-256 of each block."""
+    size = path.stat().st_size
+    return {"bytes": size, "block_bytes": HASH_BLOCK_BYTES, "sha256": _block_hashes(path, HASH_BLOCK_BYTES, threads)}
+
+
+def _block_hashes(path: Path, block_bytes: int, threads: int) -> list[str]:
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        offsets = range(0, max(size, 1), block_bytes)
+
+        def digest(offset: int) -> str:  # pread and sha256 release the GIL: threads hash in parallel
+            return hashlib.sha256(os.pread(handle.fileno(), block_bytes, offset)).hexdigest()
+
+        if threads <= 1 or len(offsets) == 1:
+            return [digest(offset) for offset in offsets]
+        with ThreadPoolExecutor(min(threads, len(offsets))) as pool:
+            return list(pool.map(digest, offsets))
+
+
+def verify_files(folder: Path, records: dict[str, Any] | None, names: tuple[str, ...],
+                 hashes: bool, threads: int = HASH_THREADS) -> list[str]:
+    """What differs from the records (an empty list when all match): sizes always, hashes when asked."""
+    if records is None:
+        return ["no sizes or hashes were recorded (written by an older version)"]
+    problems = []
+    for name in names:
+        path, record = folder / name, records.get(name)
+        if record is None:
+            problems.append(f"{name} has no record")
+        elif not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != record["bytes"]:
+            problems.append(f"{name} is {path.stat().st_size} bytes, {record['bytes']} were written")
+        elif hashes and _block_hashes(path, int(record["block_bytes"]), threads) != record["sha256"]:
+            problems.append(f"{name} has changed since it was written")
+    return problems
+
+
 def staging_path(out_dir: Path) -> Path:
     """Where an unfinished cache lives (a fixed name, so a re-run finds it and resumes)."""
     return out_dir.with_name(f".{out_dir.name}.partial")
@@ -280,9 +358,9 @@ def _is_complete(folder: Path, key: str | None = None) -> bool:
 
 def _start_staging(staging: Path, plan: pd.DataFrame, key: str, crop: int, chunk_size: int) -> dict[str, Any]:
     """A fresh staging folder: sized (sparse) image files, labels, index, an empty progress record."""
-    if staging.exists():
-        shutil.rmtree(staging)
+    remove_owned(staging, adopt=CACHE_NAMES)
     staging.mkdir(parents=True)
+    mark_owned(staging, "preprocess")
     for split in CACHE_SPLITS:
         part = plan[plan["split"] == split]
         shape = (len(part), crop, crop, 3)
@@ -307,30 +385,45 @@ def build_cache(
     chunk_size: int | None = None,
     workers: int | None = None,
     progress_bar: bool | None = None,
+    reserve_bytes: int = FREE_SPACE_RESERVE,
 ) -> dict[str, Any]:
     """Write (or resume, or keep) the cache for `manifest` under `out_dir`; a summary comes back.
 
     `classes` is classes.json's content ({"names": [...], "display": [...]}). `workers` defaults
     to params.worker_count; 1 decodes in this process. `chunk_size` (rows per unit of work)
     defaults to a size that gives every worker several chunks; a resumed run keeps the size the
-    interrupted one used, whatever is asked.
+    interrupted one used, whatever is asked. `reserve_bytes` is the free disk kept beyond the
+    cache's own size.
     """
     out_dir, dataset_root = Path(out_dir), Path(dataset_root)
+    staging = staging_path(out_dir)
+    # Before any work: a folder that is not the pipeline's is never replaced.
+    check_owned(out_dir, adopt=CACHE_NAMES, parameter="paths.cache")
+    check_owned(staging, adopt=CACHE_NAMES, parameter="paths.cache")
     plan = plan_cache(manifest, params.val_fraction, params.seed)
     key = cache_key(plan, params, classes)
     counts = {split: int((plan["split"] == split).sum()) for split in CACHE_SPLITS}
     summary: dict[str, Any] = {"cache": str(out_dir), "key": key, "counts": counts, "rebuilt": False,
                                "images": 0, "seconds": 0.0, "images_per_s": 0.0, "chunks_resumed": 0}
-    if _is_complete(out_dir, key):
-        log.info("preprocess: cache %s is up to date (key %s); nothing to do", out_dir, key[:12])
-        return summary | {"bytes": _folder_bytes(out_dir)}
-
-    staging = staging_path(out_dir)
-    if _is_complete(staging, key):  # killed between the two renames of a previous finish
-        replace_dir(out_dir, staging)
-        return summary | {"rebuilt": True, "bytes": _folder_bytes(out_dir)}
-    record = read_json(staging / PROGRESS_FILE) if (staging / PROGRESS_FILE).is_file() else None
     workers = params.worker_count if workers is None else workers
+    if _is_complete(out_dir, key):
+        problems = verify_files(out_dir, read_json(out_dir / META_FILE).get("files"), CACHE_FILES, hashes=True)
+        if not problems:
+            log.info("preprocess: cache %s is up to date (key %s); nothing to do", out_dir, key[:12])
+            return summary | {"bytes": _folder_bytes(out_dir)}
+        log.warning("preprocess: cache %s does not match what was written (%s); rebuilding it",
+                    out_dir, "; ".join(problems))
+
+    if _is_complete(staging, key):  # killed between the two renames of a previous finish
+        if not verify_files(staging, read_json(staging / META_FILE).get("files"), CACHE_FILES, hashes=True):
+            replace_dir(out_dir, staging, stage="preprocess")
+            return summary | {"rebuilt": True, "bytes": _folder_bytes(out_dir)}
+        log.warning("preprocess: the finished cache in %s changed before it was put in place; rebuilding it",
+                    staging)
+        remove_owned(staging)
+    record = read_json(staging / PROGRESS_FILE) if (staging / PROGRESS_FILE).is_file() else None
+    require_free_space(out_dir.parent, _bytes_to_write(staging, counts, params.crop) + reserve_bytes,
+                       f"the preprocessed cache {out_dir}")
     if record is None or record.get("key") != key:
         if record is not None:
             log.info("preprocess: discarding an unfinished cache for another key")
@@ -370,10 +463,11 @@ def build_cache(
 
     meta = {"key": key, "classes": list(classes["names"]), "display": list(classes.get("display", [])),
             "resize": params.resize, "crop": params.crop, "counts": counts,
-            "val_fraction": params.val_fraction, "seed": params.seed, "format": CACHE_FORMAT}
+            "val_fraction": params.val_fraction, "seed": params.seed, "format": CACHE_FORMAT,
+            "files": {name: file_record(staging / name) for name in CACHE_FILES}}
     write_json(staging / META_FILE, meta)
     (staging / PROGRESS_FILE).unlink()
-    replace_dir(out_dir, staging)
+    replace_dir(out_dir, staging, stage="preprocess")
     log.info("preprocess: cache written to %s (%s)", out_dir, counts)
     return summary | {
         "rebuilt": True, "images": n_todo, "seconds": seconds,
@@ -386,6 +480,14 @@ def _folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
+def _bytes_to_write(staging: Path, counts: dict[str, int], crop: int) -> int:
+    """The cache's size less what a resumed staging folder already holds on disk (its image
+    files are sparse: only the rows written so far take space)."""
+    total = sum(n * (crop * crop * 3 + 8) for n in counts.values())
+    held = sum(p.stat().st_blocks * 512 for p in staging.iterdir() if p.is_file()) if staging.is_dir() else 0
+    return max(total - held, 0)
+
+
 # --- the reader ----------------------------------------------------------------------------------
 
 
@@ -396,6 +498,7 @@ class Cache:
     root: Path
     meta: dict[str, Any]
     _index: list[pd.DataFrame] = field(default_factory=list, repr=False, compare=False)
+    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
 
     @property
     def classes(self) -> list[str]:
@@ -412,17 +515,32 @@ class Cache:
     @property
     def index(self) -> pd.DataFrame:
         if not self._index:
+            self._verify(INDEX_FILE)
             self._index.append(pd.read_parquet(self.root / INDEX_FILE))
         return self._index[0]
 
     def images(self, split: str) -> np.ndarray:
-        """(N, crop, crop, 3) uint8, memory-mapped read-only (an empty split is an empty array)."""
+        """(N, crop, crop, 3) uint8, memory-mapped read-only (an empty split is an empty array).
+
+        The split's file is hashed against the record the first time it is read: a stage reads
+        every row of it anyway, and a changed cache must stop it, not shift its numbers."""
         self._check_split(split)
+        self._verify(images_file(split))
         return np.load(self.root / images_file(split), mmap_mode="r" if self.meta["counts"][split] else None)
 
     def labels(self, split: str) -> np.ndarray:
         self._check_split(split)
+        self._verify(labels_file(split))
         return np.load(self.root / labels_file(split))
+
+    def _verify(self, name: str) -> None:
+        if name in self._verified:
+            return
+        problems = verify_files(self.root, self.meta.get("files"), (name,), hashes=True)
+        if problems:
+            raise CacheChangedError(f"the preprocessed cache {self.root} is not what preprocess wrote "
+                                    f"({'; '.join(problems)}); {REBUILD_HINT}")
+        self._verified.add(name)
 
     def _check_split(self, split: str) -> None:
         if split not in CACHE_SPLITS:
@@ -435,7 +553,12 @@ def load_cache(folder: Path) -> Cache:
     if not _is_complete(folder):
         state = "unfinished" if staging_path(folder).exists() else "missing"
         raise CacheNotReadyError(f"the preprocessed cache {folder} is {state}; {RUN_STAGE_HINT}")
-    return Cache(folder, read_json(folder / META_FILE))
+    meta = read_json(folder / META_FILE)
+    problems = verify_files(folder, meta.get("files"), CACHE_FILES, hashes=False)
+    if problems:
+        raise CacheChangedError(f"the preprocessed cache {folder} is not what preprocess wrote "
+                                f"({'; '.join(problems)}); {REBUILD_HINT}")
+    return Cache(folder, meta)
 
 
 def open_cache(config: Config) -> Cache:

@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tasks.preprocess import (
+    CacheChangedError,
     CacheNotReadyError,
     PreprocessError,
     build_cache,
@@ -151,6 +152,56 @@ def test_open_cache_checks_the_configuration(tmp_path: Path) -> None:
     assert open_cache(config).images("train").shape[1:] == (64, 64, 3)
     with pytest.raises(CacheNotReadyError, match="crop"):
         open_cache(make_config(tmp_path, preprocess__crop=48))
+
+
+def test_a_tampered_cache_is_refused_by_the_reader_and_rebuilt_by_the_stage(tmp_path: Path, params, caplog) -> None:
+    """Half the test photos zeroed on disk (sizes unchanged): a reader stops with a clear error
+    instead of evaluating on them, and the next preprocess rebuilds the same bytes as before."""
+    manifest, out = sample_manifest(), tmp_path / "cache"
+    build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)
+    original = folder_bytes(out)
+    test_images = np.load(out / "test_images.npy", mmap_mode="r+")
+    test_images[: len(test_images) // 2] = 0
+    test_images.flush()
+    del test_images
+
+    cache = load_cache(out)  # sizes match: opening is allowed, reading the changed split is not
+    assert cache.images("train").shape[0] == 120
+    with pytest.raises(CacheChangedError, match="test_images.npy has changed.*food101 stage preprocess"):
+        cache.images("test")
+
+    with caplog.at_level("WARNING", logger="tasks.preprocess"):
+        summary = build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)
+    assert summary["rebuilt"] and "does not match what was written" in caplog.text
+    assert "test_images.npy has changed" in caplog.text
+    assert folder_bytes(out) == original
+    assert load_cache(out).images("test").std() > 10
+
+
+def test_a_truncated_cache_is_refused_and_rebuilt(tmp_path: Path, params, caplog) -> None:
+    manifest, out = sample_manifest(), tmp_path / "cache"
+    build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)
+    original = folder_bytes(out)
+    with open(out / "train_images.npy", "r+b") as handle:
+        handle.truncate((out / "train_images.npy").stat().st_size // 2)
+    with pytest.raises(CacheChangedError, match="train_images.npy is .* bytes"):
+        load_cache(out)
+    with caplog.at_level("WARNING", logger="tasks.preprocess"):
+        assert build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)["rebuilt"]
+    assert "train_images.npy is" in caplog.text and folder_bytes(out) == original
+
+
+def test_a_cache_without_recorded_hashes_is_rebuilt(tmp_path: Path, params) -> None:
+    manifest, out = sample_manifest(), tmp_path / "cache"
+    build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)
+    original = folder_bytes(out)
+    meta = json.loads((out / "meta.json").read_text())
+    del meta["files"]
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CacheChangedError, match="no sizes or hashes were recorded"):
+        load_cache(out)
+    assert build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)["rebuilt"]
+    assert folder_bytes(out) == original
 
 
 KILLED_RUN = """
