@@ -298,7 +298,7 @@ def confusion(config: Config, models: list[str] | None = None, parent_run_id: st
         images = cache.images("test")
 
         final = Path(config.paths.confusion)
-        staged = staging_dir(final)
+        staged = staging_dir(final, stage="confusion")
         try:
             summary, tests = _write_outputs(config, models, classes, display, position_of, images, staged)
             replace_dir(final, staged)

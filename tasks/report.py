@@ -835,7 +835,7 @@ def write_report_files(config: Config, models: list[str], failures: dict[str, st
     reports_dir.mkdir(parents=True, exist_ok=True)
 
     # Plots are drawn into a staging folder and swapped in whole; the documents follow.
-    staged = staging_dir(reports_dir / PLOTS_DIR)
+    staged = staging_dir(reports_dir / PLOTS_DIR, stage="report")
     staged_plots = _make_plots(config, inputs, staged)
     plots_dir = replace_dir(reports_dir / PLOTS_DIR, staged)
     plots = {key: plots_dir / path.name for key, path in staged_plots.items()}

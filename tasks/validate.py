@@ -385,7 +385,7 @@ def run_expectations(manifest: pd.DataFrame, expected: Expected, docs_dir: Path 
         results = result.results
     else:
         # The site is built straight into a staging folder beside docs_dir and swapped in whole.
-        stage = staging_dir(docs_dir)
+        stage = staging_dir(docs_dir, stage="validate")
         try:
             context.add_data_docs_site(DOCS_SITE, {
                 "class_name": "SiteBuilder",
