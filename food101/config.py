@@ -166,7 +166,11 @@ class TrackingConfig:
 @dataclass(frozen=True)
 class AlertsConfig:
     fail_on_regression: bool
-    throughput_drop: float
+    min_timing_effect: float  # relative change of a timing median below which nothing changed
+    max_load_per_core: float  # above this load average per core, timings are inconclusive
+    max_other_cpu_share: float  # above this CPU share of other processes, timings are inconclusive
+    notify_url: str | None  # a webhook that hears of regressions and failures; null: off
+    notify_block: str | None  # or the name of a saved Prefect notification block
 
 
 @dataclass(frozen=True)
@@ -467,7 +471,9 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "confusion.examples_per_pair": _at_least(0),
     "report.latency_budget_ms": _POSITIVE,
     "report.within_points": _at_least(0),
-    "alerts.throughput_drop": _FRACTION_OPEN,
+    "alerts.min_timing_effect": _FRACTION_OPEN,
+    "alerts.max_load_per_core": _POSITIVE,
+    "alerts.max_other_cpu_share": _FRACTION_OPEN_BOTTOM,
     **{f"train.{name}": rule for name, rule in _TRAIN_RULES.items()},
 }
 

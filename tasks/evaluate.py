@@ -48,6 +48,7 @@ from food101.io import (
     write_parquet,
     write_text,
 )
+from food101.timing import machine_monitor
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
 from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
@@ -61,13 +62,15 @@ COUNTS_FILE = "confusion_counts.npy"
 PREDICTIONS_FILE = "predictions.parquet"
 RELIABILITY_FILE = "reliability.png"
 SEEDS_FILE = "seeds.json"  # only with train.seeds > 1: top-1, top-5, macro-F1 of every seed's training
+TIMING_FILE = "timing_samples.parquet"  # every timed forward: metric, device, sample_index, value
+TIMING_COLUMNS = ("metric", "device", "sample_index", "value")
 METRIC_KEYS = (
     "model", "n_test", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
     "macro_precision", "macro_recall", "macro_f1", "ece",
     "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
     "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
     "train_time_s", "train_images_per_s",
-    "n_seeds", "top1_seed_mean", "top1_seed_sd",
+    "n_seeds", "top1_seed_mean", "top1_seed_sd", "machine_state",
 )
 SEED_KEYS = ("top1", "top5", "macro_f1")
 # Two evaluations in one process (Prefect's thread runner) must not time their models at once.
@@ -178,8 +181,10 @@ def predictions_frame(paths: list[str], labels: np.ndarray, scores: Scores) -> p
 
 def measure_latency(
     model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
+    samples: list[float] | None = None,
 ) -> tuple[float, float]:
-    """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones."""
+    """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones;
+    every forward's time is appended to `samples` when given."""
     example = example.to(device).contiguous(memory_format=torch.channels_last)
     times = []
     with torch.inference_mode(), _autocast(device):
@@ -191,25 +196,32 @@ def measure_latency(
             model(example)
             synchronize(device)
             times.append((time.perf_counter() - start) * 1000.0)
+    if samples is not None:
+        samples.extend(times)
     p50, p95 = np.percentile(times, [50, 95])
     return float(p50), float(p95)
 
 
 def measure_throughput(
     model: nn.Module, batch: torch.Tensor, device: torch.device, warmup: int, runs: int,
+    samples: list[float] | None = None,
 ) -> float:
-    """Images per second over `runs` forwards of `batch` after `warmup` untimed ones."""
+    """Images per second over `runs` forwards of `batch` after `warmup` untimed ones; each
+    batch's images/s is appended to `samples` when given (the spread the history compares)."""
     batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+    elapsed = []
     with torch.inference_mode(), _autocast(device):
         for _ in range(warmup):
             model(batch)
         synchronize(device)
-        start = time.perf_counter()
         for _ in range(max(1, runs)):
+            start = time.perf_counter()
             model(batch)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-    return len(batch) * max(1, runs) / elapsed
+            synchronize(device)
+            elapsed.append(time.perf_counter() - start)
+    if samples is not None:
+        samples.extend(len(batch) / seconds for seconds in elapsed)
+    return len(batch) * len(elapsed) / sum(elapsed)
 
 
 def throughput_schedule(settings: EvaluateConfig) -> tuple[int, int]:
@@ -243,26 +255,37 @@ def model_footprint(model: nn.Module, image_size: int) -> dict[str, float | int]
 
 def measure_speed(
     model: nn.Module, image_size: int, settings: EvaluateConfig, devices: list[torch.device],
-) -> dict[str, float | None]:
-    """Latency p50/p95 at batch 1 and throughput at `throughput_batch` on each device ("cpu", "cuda")."""
+    samples: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Latency p50/p95 at batch 1 and throughput at `throughput_batch` on each device ("cpu", "cuda"),
+    and `machine_state` (food101.timing) during the timing; raw samples appended to `samples` as
+    timing_samples.parquet rows when given."""
     generator = torch.Generator().manual_seed(settings.seed)
     single = torch.randn(1, 3, image_size, image_size, generator=generator)
     batch = torch.randn(settings.throughput_batch, 3, image_size, image_size, generator=generator)
     tp_warmup, tp_runs = throughput_schedule(settings)
-    out: dict[str, float | None] = {}
+    out: dict[str, Any] = {}
     for kind in ("cpu", "gpu"):
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
-    with _timing_lock:
+    with _timing_lock, machine_monitor() as state:
         for device in devices:
             kind = "gpu" if device.type == "cuda" else "cpu"
             on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
             on_device = on_device.eval().to(memory_format=torch.channels_last)
-            p50, p95 = measure_latency(on_device, single, device, settings.latency_warmup, settings.latency_runs)
+            latency: list[float] = []
+            rates: list[float] = []
+            p50, p95 = measure_latency(on_device, single, device, settings.latency_warmup, settings.latency_runs,
+                                       latency)
             out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = p50, p95
-            out[f"throughput_{kind}_ips"] = measure_throughput(on_device, batch, device, tp_warmup, tp_runs)
+            out[f"throughput_{kind}_ips"] = measure_throughput(on_device, batch, device, tp_warmup, tp_runs, rates)
+            if samples is not None:
+                for metric, values in (("latency_ms", latency), ("throughput_ips", rates)):
+                    samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v)}
+                                   for i, v in enumerate(values))
             log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
                      device, p50, p95, out[f"throughput_{kind}_ips"], len(batch))
+    out["machine_state"] = state
     return out
 
 
@@ -308,9 +331,10 @@ def eval_dir(config: Config, model: str) -> Path:
 def write_evaluation(
     folder: Path, values: dict[str, Any], scores: Scores, paths: list[str], labels: np.ndarray,
     classes: list[str], display: list[str], title: str, per_seed: list[dict[str, Any]] | None = None,
+    timing: list[dict[str, Any]] | None = None,
 ) -> Path:
     """Write the evaluation files into `folder`, replaced as a whole (never half old, half new);
-    seeds.json only when more than one seed was trained."""
+    seeds.json only when more than one seed was trained, timing_samples.parquet when given."""
     staged = staging_dir(folder)
     try:
         write_json(staged / METRICS_FILE, values)
@@ -319,6 +343,8 @@ def write_evaluation(
         write_text(staged / PER_CLASS_FILE, per_class_frame(scores.per_class, classes, display).to_csv(index=False))
         write_npy(staged / COUNTS_FILE, scores.counts)
         write_parquet(staged / PREDICTIONS_FILE, predictions_frame(paths, labels, scores))
+        if timing is not None:
+            write_parquet(staged / TIMING_FILE, pd.DataFrame(timing, columns=list(TIMING_COLUMNS)))
         _save_figure(plot_reliability(scores.reliability, title), staged / RELIABILITY_FILE)
         return replace_dir(folder, staged)
     finally:
@@ -353,7 +379,8 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
         with training_slots(config).acquire(f"evaluate[{model}]") as device:
             timed_devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
             footprint = model_footprint(network, image_size)
-            speed = measure_speed(network, image_size, settings, timed_devices)
+            timing: list[dict[str, Any]] = []
+            speed = measure_speed(network, image_size, settings, timed_devices, timing)
             network = network.to(device)
             feed = BatchFeed(images, cache_labels, batch_size=settings.batch_size, device=device, train=False,
                              image_size=image_size, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
@@ -384,7 +411,7 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
         }
         values = {key: values[key] for key in METRIC_KEYS}
         final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
-                                 f"{model}: reliability on {len(labels)} test photos", per_seed)
+                                 f"{model}: reliability on {len(labels)} test photos", per_seed, timing)
 
         run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
                       "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
@@ -460,3 +487,8 @@ def read_confusion_counts(config: Config, model: str) -> np.ndarray:
 
 def read_predictions(config: Config, model: str) -> pd.DataFrame:
     return pd.read_parquet(_existing(config, model, PREDICTIONS_FILE))
+
+
+def read_timing_samples(config: Config, model: str) -> pd.DataFrame:
+    """timing_samples.parquet: metric (latency_ms, throughput_ips), device (cpu, gpu), sample_index, value."""
+    return pd.read_parquet(_existing(config, model, TIMING_FILE))

@@ -141,7 +141,7 @@ def test_cli_reports_a_missing_earlier_stage_without_a_traceback(tmp_path: Path)
         ("validate.official_test_per_class=0", "validate.official_test_per_class must be at least 1"),
         ("preprocess.workers=-1", "preprocess.workers must be at least 0"),
         ("preprocess.seed=-1", "preprocess.seed must be at least 0"),
-        ("alerts.throughput_drop=0", r"alerts.throughput_drop must be in \(0, 1\)"),
+        ("alerts.min_timing_effect=0", r"alerts.min_timing_effect must be in \(0, 1\)"),
         ("schedule.cron='every monday'", "schedule.cron"),
         ("schedule.timezone=Mars/Base", "schedule.timezone"),
         ("tracking.experiment=''", "tracking.experiment must not be empty"),

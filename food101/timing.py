@@ -1,0 +1,122 @@
+"""Timings that carry their noise: the machine's state while timing, and a rank test between runs.
+
+A single throughput figure cannot tell a slower model from a busier machine. Evaluation keeps
+every timed forward (timing_samples.parquet) and what else the machine was doing meanwhile
+(`machine_state` in metrics.json); two benchmarks' timings are then compared with a
+Mann-Whitney U test on the samples, a minimum effect size, and a refusal to conclude anything
+when either machine was busy.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import psutil
+
+# Outcomes of comparing one metric between two benchmarks.
+REGRESSION = "regression"
+IMPROVEMENT = "improvement"
+INCONCLUSIVE = "inconclusive"
+NO_CHANGE = "no change"
+ALPHA = 0.05
+
+
+@contextmanager
+def machine_monitor() -> Iterator[dict[str, Any]]:
+    """Measure what the rest of the machine did while the block ran; the dict is filled on exit.
+
+    other_cpu_share is the fraction of all cores busy with anything but this process (whole-
+    machine busy time minus our own CPU time, over wall time x cores); load average, CPU
+    frequency and steal time are read where the platform exposes them.
+    """
+    state: dict[str, Any] = {}
+    own = psutil.Process(os.getpid())
+    cores = psutil.cpu_count() or 1
+    before_sys, before_own, start = psutil.cpu_times(), own.cpu_times(), time.perf_counter()
+    try:
+        yield state
+    finally:
+        after_sys, after_own, wall = psutil.cpu_times(), own.cpu_times(), time.perf_counter() - start
+        busy = _busy(after_sys) - _busy(before_sys)
+        mine = (after_own.user + after_own.system) - (before_own.user + before_own.system)
+        state["cores"] = cores
+        state["seconds"] = round(wall, 3)
+        state["other_cpu_share"] = round(min(1.0, max(0.0, (busy - mine) / (wall * cores))), 4) if wall > 0 else None
+        steal = getattr(after_sys, "steal", None)
+        state["steal_share"] = (round(max(0.0, steal - before_sys.steal) / (wall * cores), 4)
+                                if steal is not None and wall > 0 else None)
+        load = os.getloadavg() if hasattr(os, "getloadavg") else None
+        state["load_1min"] = round(load[0], 3) if load else None
+        state["load_per_core"] = round(load[0] / cores, 3) if load else None
+        frequency = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
+        state["cpu_mhz"] = round(frequency.current, 1) if frequency else None
+
+
+def _busy(times: Any) -> float:
+    """Busy CPU seconds over all cores: everything but idle and iowait (steal is not ours either)."""
+    idle = times.idle + getattr(times, "iowait", 0.0) + getattr(times, "steal", 0.0)
+    return sum(times) - idle - getattr(times, "guest", 0.0) - getattr(times, "guest_nice", 0.0)
+
+
+def noise_reasons(state: dict[str, Any] | None, max_load_per_core: float, max_other_cpu_share: float,
+                  which: str) -> list[str]:
+    """Why the machine of `which` benchmark was too busy to trust its timings (empty: it was quiet)."""
+    if not state:
+        return [f"the {which} benchmark did not record the machine's state"]
+    reasons = []
+    load = state.get("load_per_core")
+    if load is not None and load > max_load_per_core:
+        reasons.append(f"{which} load average {load:.2f} per core > {max_load_per_core:g}")
+    other = state.get("other_cpu_share")
+    if other is not None and other > max_other_cpu_share:
+        reasons.append(f"{which}: other processes used {other:.0%} of the CPU > {max_other_cpu_share:.0%}")
+    steal = state.get("steal_share")
+    if steal is not None and steal > max_other_cpu_share:
+        reasons.append(f"{which}: hypervisor steal {steal:.0%} of the CPU > {max_other_cpu_share:.0%}")
+    return reasons
+
+
+@dataclass(frozen=True)
+class TimingVerdict:
+    """The outcome of comparing one timing metric's samples, with the test and the reason."""
+
+    outcome: str
+    reason: str
+    test: str
+    p_value: float | None = None
+    effect: float | None = None  # relative change of the median, signed (positive: larger now)
+
+
+def compare_samples(before: list[float], after: list[float], higher_is_better: bool, min_effect: float,
+                    alpha: float = ALPHA) -> TimingVerdict:
+    """Mann-Whitney U (two-sided) on two runs' samples, plus a minimum change of the median.
+
+    A significant shift smaller than `min_effect` is "no change"; a large shift that is not
+    significant (too few samples, too much spread) is "inconclusive", never a regression.
+    """
+    import numpy as np
+    from scipy.stats import mannwhitneyu
+
+    if len(before) < 2 or len(after) < 2:
+        return TimingVerdict(INCONCLUSIVE, f"too few samples ({len(before)} and {len(after)})", "none")
+    median_before, median_after = float(np.median(before)), float(np.median(after))
+    effect = (median_after - median_before) / median_before if median_before else 0.0
+    p_value = float(mannwhitneyu(before, after, alternative="two-sided").pvalue)
+    test = f"mann-whitney u p={p_value:.3g} (n={len(before)}, {len(after)})"
+    worse = effect < 0 if higher_is_better else effect > 0
+    if p_value >= alpha:
+        if abs(effect) >= min_effect:
+            return TimingVerdict(INCONCLUSIVE, f"median changed {effect:+.0%} but the samples do not show it "
+                                 f"(p={p_value:.3g} >= {alpha})", test, p_value, effect)
+        return TimingVerdict(NO_CHANGE, f"median {effect:+.1%}, not significant", test, p_value, effect)
+    if abs(effect) < min_effect:
+        return TimingVerdict(NO_CHANGE, f"median {effect:+.1%}: significant but below the minimum effect "
+                             f"{min_effect:.0%}", test, p_value, effect)
+    outcome = REGRESSION if worse else IMPROVEMENT
+    return TimingVerdict(outcome, f"median {median_before:.4g} -> {median_after:.4g} ({effect:+.0%}; {test})",
+                         test, p_value, effect)
