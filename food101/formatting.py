@@ -49,8 +49,9 @@ def ci_text(metrics: dict[str, Any], key: str = "top1") -> str:
     return f"{pct(metrics.get(key))} (95% CI {100 * low:.1f}–{100 * high:.1f}%)"
 
 
-def plural(count: float, word: str) -> str:
-    return f"{count:g} {word}{'' if count == 1 else 's'}"
+def plural(count: float, word: str, many: str | None = None) -> str:
+    """'1 point', '2 points', '1.5 points'; `many` for irregular plurals ('food classes')."""
+    return f"{count:g} {word if count == 1 else (many or word + 's')}"
 
 
 def times_ratio(slow: float, fast: float) -> str:

@@ -42,18 +42,20 @@ from food101.document import (
     render_markdown,
 )
 from food101.environment_info import collect_environment
-from food101.formatting import ci_cell, ci_text, duration, num, pct, point_gap, times_ratio
+from food101.formatting import ci_cell, duration, num, pct
 from food101.history import HISTORY_FILE, trends_path
 from food101.history import read_history as read_comparison
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_text
 from food101.recommend import (
     Recommendations,
     by_accuracy,
+    deploy_heading,
+    executive_summary_text,
+    failures_text,
     has_seed_runs,
     normalise_metrics,
     pareto_front,
     recommend,
-    seed_spread_text,
     significance_text,
 )
 from food101.tracking import stage_run
@@ -400,45 +402,14 @@ def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | N
                               f"{'s' if len(regressions) != 1 else ''}): see [Since the last benchmark]"
                               "(#since-the-last-benchmark).", "danger"))
     if inputs.failures:
-        blocks.append(Callout(f"**{len(inputs.failures)} model{'s' if len(inputs.failures) != 1 else ''} failed**: "
-                              f"{', '.join(inputs.failures)}. The others are reported; see [Failures](#failures).",
-                              "warning"))
-    metrics = inputs.metrics
+        blocks.append(Callout(failures_text(list(inputs.failures), list(inputs.metrics)), "warning"))
     chosen = recs.deploy.model
     if chosen is None:
         blocks.append(Para("**No model finished evaluation, so there is no recommendation.** See "
                            "[Failures](#failures) for what went wrong."))
         return Section("executive-summary", "Executive summary", blocks)
-    m = metrics[chosen]
-    best = recs.best_accuracy.model
-    n_test = m.get("n_test")
-    text = f"**Deploy {chosen}.** It is {recs.deploy.reason}: {ci_text(m)} top-1 accuracy"
-    text += f" on {int(n_test):,} test photos" if n_test else ""
-    text += f" of {n_classes} food classes" if n_classes else ""
-    if m.get("latency_cpu_p50_ms") is not None:
-        text += (f", answering in {num(m['latency_cpu_p50_ms'], 1, ' ms')} (median; p95 "
-                 f"{num(m.get('latency_cpu_p95_ms'), 1, ' ms')}) per photo on the CPU")
-    text += "."
-    if best != chosen:
-        b = metrics[best]
-        text += (f" The most accurate model, {best}, reaches {pct(b['top1'])} ({point_gap(b['top1'] - m['top1'])} "
-                 f"more)")
-        if b.get("latency_cpu_p50_ms") and m.get("latency_cpu_p50_ms"):
-            text += f" but is {times_ratio(b['latency_cpu_p50_ms'], m['latency_cpu_p50_ms'])} slower"
-        text += "."
-        sentence = significance_text(inputs.significance, best, chosen)
-        if sentence:
-            text += f" {sentence}"
-    elif len(metrics) > 1:
-        second = by_accuracy(metrics)[1]
-        sentence = significance_text(inputs.significance, chosen, second)
-        text += f" It is also the most accurate model; {second} follows at {pct(metrics[second]['top1'])}."
-        if sentence:
-            text += f" {sentence}"
-    if len(metrics) > 1:
-        spread = seed_spread_text(metrics, *by_accuracy(metrics)[:2])
-        if spread:
-            text += f" {spread}"
+    text = executive_summary_text(recs, inputs.metrics, n_classes, inputs.significance)
+    n_test = inputs.metrics[chosen].get("n_test")
     worst = _worst_classes(inputs, chosen, 3)
     if worst:
         text += f" Its weakest classes are {', '.join(worst)}."
@@ -467,8 +438,8 @@ def _class_label(inputs: Inputs, row: pd.Series) -> str:
 
 
 def _recommendations_section(recs: Recommendations) -> Section:
-    blocks: list[Any] = [Para(f"**Recommended for deployment: {recs.deploy.model or 'none'}** — "
-                              f"{recs.deploy.reason}. The rules and their thresholds come from `params.yaml` "
+    blocks: list[Any] = [Heading(deploy_heading(recs)),
+                         Para(f"{recs.deploy.reason} The rules and their thresholds come from `params.yaml` "
                               "(`report:`); each is worked out below.")]
     for rec in recs.rules():
         label = rec.model if rec.rule != "pareto" else ", ".join(rec.models)

@@ -195,7 +195,7 @@ def test_recommendations_follow_the_rules():
     assert recommend(specs, 30.0, 1.0).under_budget.model == "efficientnet_b0"
     # A tighter "within" keeps only the best, which is then also the fastest of the near ones.
     tight = recommend(specs, 20.0, 0.1)
-    assert tight.fastest_within.model == "resnet50" and "itself the fastest" in tight.fastest_within.reason
+    assert tight.fastest_within.model == "resnet50" and "stands alone" in tight.fastest_within.reason
     # No model meets the budget: say so, and deploy the fastest within N points instead.
     none_fit = recommend(specs, 5.0, 1.0)
     assert none_fit.under_budget.model is None and "No model meets it" in none_fit.under_budget.reason
@@ -241,7 +241,7 @@ def test_failed_models_are_marked_and_the_others_reported(upstream, tmp_path):
     _, result = run_report(root, "failed", failures={"efficientnet_b0": "CUDA out of memory at batch 128"})
     markdown = Path(result["report_md"]).read_text()
     found = sections(markdown)
-    assert "**1 model failed**: efficientnet_b0" in found["Executive summary"]
+    assert "**1 model failed** (efficientnet_b0)" in found["Executive summary"]
     assert "CUDA out of memory at batch 128" in found["Failures"]
     assert table_rows(found["Summary table"])["efficientnet_b0 FAILED"][0] == "—"
     assert "resnet50" in table_rows(found["Summary table"]) and "mobilenet_v3_large" in table_rows(
