@@ -22,7 +22,8 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from food101 import history, registry
 from food101.config import Config, load_config
-from food101.tracking import Run, client_for, finish_run, start_benchmark_run
+from food101.runlock import run_lock
+from food101.tracking import Run, client_for, finish_run, start_benchmark_run, status_for
 from food101.versioning import record_outputs
 from tasks.confusion import confusion
 from tasks.download import download
@@ -62,15 +63,19 @@ def benchmark(
 ) -> dict[str, Any]:
     """Benchmark every model in params.yaml on Food-101 and publish the report."""
     config = load_config(Path(params_file) if params_file else None, profile, overrides)
-    log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
-    parent = start_benchmark_run(config, {"prefect_flow_run_id": flow_run.id or "none"})
-    status = "FAILED"
-    try:
-        result = run_stages(config, parent.run_id)
-        status = "FINISHED"
-        return result
-    finally:
-        finish_run(parent, status)
+    with run_lock(config):  # one run per outputs folder; re-entered when `food101 run` holds it
+        log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
+        parent = start_benchmark_run(config, {"prefect_flow_run_id": flow_run.id or "none"})
+        status = "FAILED"
+        try:
+            result = run_stages(config, parent.run_id)
+            status = "FINISHED"
+            return result
+        except BaseException as exc:
+            status = status_for(exc)
+            raise
+        finally:
+            finish_run(parent, status)
 
 
 def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:

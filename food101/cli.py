@@ -9,12 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 
-from food101 import env
+from food101 import env, runlock
 from food101.config import Config, ConfigError, dump_params, find_params_file, load_config
 from food101.errors import Food101Error
 
@@ -26,6 +27,7 @@ app = typer.Typer(
     help="Benchmark image classifiers on Food-101 and publish a report that says which to deploy.",
 )
 log = logging.getLogger("food101")
+T = TypeVar("T")
 
 ProfileOpt = Annotated[
     str | None,
@@ -40,6 +42,9 @@ ParamsOpt = Annotated[
     typer.Option("--params", help="The params.yaml to use (default: $FOOD101_PARAMS, else the nearest one above)."),
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+WaitOpt = Annotated[
+    bool, typer.Option("--wait", help="If another run holds these outputs, wait for it instead of exiting.")
+]
 
 
 def _setup(params: Path | None, verbose: bool) -> Path:
@@ -78,14 +83,29 @@ def _load(params_file: Path, profile: str | None, overrides: list[str] | None) -
 
 
 @app.command()
-def run(profile: ProfileOpt = None, set_: SetOpt = None, params: ParamsOpt = None, verbose: VerboseOpt = False) -> None:
+def run(
+    profile: ProfileOpt = None,
+    set_: SetOpt = None,
+    params: ParamsOpt = None,
+    wait: WaitOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
     """Run the whole benchmark flow in this process (embedded Prefect API, local MLflow)."""
     params_file = _setup(params, verbose)
     config = _load(params_file, profile, set_)  # fail fast on bad parameters, before Prefect starts
-    from flows.benchmark import benchmark, flow_for
+    from food101.processes import start_reaper
 
     overrides = dict(_pairs(set_))
-    result = flow_for(config, benchmark)(profile=profile, overrides=overrides or None, params_file=str(params_file))
+    with runlock.run_lock(config, wait=wait):  # before Prefect starts; the flow takes it again
+        start_reaper()
+
+        def work() -> dict:
+            from flows.benchmark import benchmark, flow_for
+
+            flow = flow_for(config, benchmark)
+            return flow(profile=profile, overrides=overrides or None, params_file=str(params_file))
+
+        result = _until_signalled(config, work)
     report = result["report"]
     typer.echo("")
     typer.echo(f"Benchmark finished ({config.profile}). Recommended model: {report.get('recommended')}")
@@ -103,6 +123,7 @@ def stage(
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     params: ParamsOpt = None,
+    wait: WaitOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
     """Run one stage without Prefect's engine: what `dvc repro` calls."""
@@ -116,12 +137,27 @@ def stage(
     if name in PER_MODEL_STAGES:
         if model not in config.models:
             raise ConfigError(f"stage {name} needs --model, one of {config.models}")
-        result = entry(config, model)
+        args: tuple = (config, model)
     else:
         if model:
             raise ConfigError(f"stage {name} runs over all models; drop --model")
-        result = entry(config)
+        args = (config,)
+    with runlock.run_lock(config, wait=wait):
+        result = _until_signalled(config, lambda: entry(*args))
     log.info("stage %s done: %s", name, result)
+
+
+def _until_signalled(config: Config, work: Callable[[], T]) -> T:
+    """Run `work`; on SIGTERM/SIGINT stop children, mark MLflow runs KILLED, remove temporary
+    files, say so in one line and exit 128+signal at once (the work's threads are not waited for)."""
+    try:
+        return runlock.run_until_signalled(work)
+    except runlock.Interrupted as exc:
+        summary = runlock.shut_down(config)
+        typer.secho(f"error: {exc}: {summary}", fg=typer.colors.RED, err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(exc.exit_code)
 
 
 @app.command()

@@ -1,13 +1,19 @@
-"""History: each benchmark compared with the previous one of its profile, found in MLflow.
+"""History: each benchmark compared with the last comparable one, found in MLflow.
 
 A benchmark leaves everything the next one needs on its MLflow parent run, never only on disk
 (the next run overwrites artifacts/ and reports/): `<model>.<metric>` metrics for trends, and
-`benchmark_summary.json` with the metrics plus, per model, which test photos it got right, so the
-next benchmark can run McNemar's exact test on the photos both evaluated.
+`benchmark_summary.json` with the metrics plus, per model, which test photos it got right (for
+McNemar's exact test on the photos both evaluated), the raw timing samples with the machine's
+state while they were taken (for a rank test), the effective recipe, and the comparability key
+(food101.comparability): only a benchmark on the same data with the same evaluation settings is
+"the previous one".
+
+Each compared metric gets one outcome: regression, improvement, inconclusive or no change.
 
 The flow calls, after evaluation and before the report:
-record_benchmark -> find_previous -> compare -> write_history -> flag_regressions, and raises
-`RegressionDetected` (via `raise_if_regressed`) when `alerts.fail_on_regression` is set.
+record_benchmark -> find_previous (find_latest when none) -> compare -> write_history ->
+flag_regressions, and raises `RegressionDetected` (via `raise_if_regressed`) when
+`alerts.fail_on_regression` is set.
 """
 
 from __future__ import annotations
@@ -25,32 +31,40 @@ from typing import Any
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
+from food101 import comparability, timing
 from food101.config import AlertsConfig, Config
 from food101.errors import Food101Error
 from food101.io import atomic_path, read_json, write_json
+from food101.timing import IMPROVEMENT, INCONCLUSIVE, NO_CHANGE, REGRESSION
 from food101.tracking import Run, experiment_id
 
 log = logging.getLogger(__name__)
 
 SUMMARY_ARTIFACT = "benchmark_summary.json"
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 HISTORY_FILE = "history.json"
 TRENDS_FILE = "trends.png"
-ALPHA = 0.05  # significance level of McNemar's test
+KEY_TAG = "comparability_key"
+ALPHA = 0.05  # significance level of McNemar's and Mann-Whitney's tests
 
-# Metrics compared between benchmarks, with the direction that is better.
+# Metrics compared between benchmarks, with the direction that is better. Latency p95 is shown in
+# the report but not tested: the p50 row carries the test on the same samples.
 HIGHER_IS_BETTER = ("top1", "top5", "macro_precision", "macro_recall", "macro_f1",
                     "throughput_cpu_ips", "throughput_gpu_ips", "train_images_per_s")
-LOWER_IS_BETTER = ("ece", "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms",
-                   "latency_gpu_p95_ms", "train_time_s")
+LOWER_IS_BETTER = ("ece", "latency_cpu_p50_ms", "latency_gpu_p50_ms", "train_time_s")
 COMPARED_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
-# Images per second: a drop beyond alerts.throughput_drop on the same hardware is a regression.
+# Timing metrics with raw samples in timing_samples.parquet: metric -> (sample metric, device).
+SAMPLED_METRICS = {
+    "latency_cpu_p50_ms": ("latency_ms", "cpu"), "latency_gpu_p50_ms": ("latency_ms", "gpu"),
+    "throughput_cpu_ips": ("throughput_ips", "cpu"), "throughput_gpu_ips": ("throughput_ips", "gpu"),
+}
 THROUGHPUT_METRICS = ("train_images_per_s", "throughput_cpu_ips", "throughput_gpu_ips")
 # Speed figures only mean something against the same hardware.
-SPEED_METRICS = THROUGHPUT_METRICS + ("latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms",
-                                      "latency_gpu_p95_ms", "train_time_s")
+SPEED_METRICS = (*SAMPLED_METRICS, "train_images_per_s", "train_time_s")
 # Accuracy metrics with a bootstrap interval in metrics.json and a per-photo correctness vector.
 INTERVAL_METRICS = ("top1", "top5")
+# Top-k accuracy metrics: with k classes or fewer they are 100% by construction.
+TOP_K = {"top5": 5}
 
 
 class RegressionDetected(Food101Error):
@@ -71,6 +85,8 @@ class BenchmarkRecord:
     """What one benchmark left in MLflow: headline metrics and per-photo correctness per model.
 
     `correct[model]` is a string aligned with `test_paths`: '1' right, '0' wrong, '.' not evaluated.
+    `timing[model]` maps "<sample metric>/<device>" (latency_ms/cpu) to the raw samples, and
+    `machine_state[model]` is what else the machine did while they were taken.
     """
 
     run_id: str
@@ -83,6 +99,10 @@ class BenchmarkRecord:
     correct_top5: dict[str, str] = field(default_factory=dict)
     git_commit: str = ""
     config_hash: str = ""
+    key: dict[str, Any] = field(default_factory=dict)
+    recipes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timing: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    machine_state: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return {"version": SUMMARY_VERSION, **asdict(self)}
@@ -98,6 +118,12 @@ class BenchmarkRecord:
         if not bits or len(bits) != len(self.test_paths):
             return None
         return {path: bit == "1" for path, bit in zip(self.test_paths, bits, strict=True) if bit != "."}
+
+    def samples(self, model: str, metric: str) -> list[float] | None:
+        """The raw samples behind a timing metric (latency_cpu_p50_ms), or None when not recorded."""
+        name, device = SAMPLED_METRICS[metric]
+        values = self.timing.get(model, {}).get(f"{name}/{device}")
+        return list(values) if values else None
 
 
 # --- recording ---------------------------------------------------------------------------------
@@ -154,21 +180,50 @@ def read_predictions_if_present(config: Config, models: list[str]) -> dict[str, 
     return out
 
 
+def timing_by_metric(frame: pd.DataFrame) -> dict[str, list[float]]:
+    """{"latency_ms/cpu": [...], ...} from timing_samples.parquet's rows, in sample order."""
+    out: dict[str, list[float]] = {}
+    for (metric, device), rows in frame.sort_values("sample_index").groupby(["metric", "device"], sort=True):
+        out[f"{metric}/{device}"] = [float(v) for v in rows["value"]]
+    return out
+
+
+def read_timing_if_present(config: Config, models: list[str]) -> dict[str, dict[str, list[float]]]:
+    """Each model's raw timing samples (evaluate's timing_samples.parquet), where recorded."""
+    from tasks.evaluate import TIMING_FILE
+
+    out = {}
+    for model in models:
+        path = config.paths.eval / model / TIMING_FILE
+        if path.is_file():
+            out[model] = timing_by_metric(pd.read_parquet(path))
+        else:
+            log.warning("no %s: %s's timings cannot be tested against another benchmark", path, model)
+    return out
+
+
 def record_benchmark(
     config: Config,
     parent_run: Run | str,
     metrics_by_model: dict[str, dict[str, Any]],
     hardware: str,
     predictions_by_model: dict[str, pd.DataFrame] | None = None,
+    key: dict[str, Any] | None = None,
+    timing_by_model: dict[str, dict[str, list[float]]] | None = None,
 ) -> BenchmarkRecord:
-    """Log this benchmark's per-model metrics and correctness to its MLflow parent run.
+    """Log this benchmark's metrics, correctness, timings and comparability key to its parent run.
 
-    `metrics_by_model` is each evaluated model's metrics.json; predictions default to each
-    model's predictions.parquet under config.paths.eval.
+    `metrics_by_model` is each evaluated model's metrics.json; predictions and timing samples
+    default to each model's files under config.paths.eval, the key to comparability_key's.
     """
     run = _as_run(config, parent_run)
+    models = list(metrics_by_model)
     if predictions_by_model is None:
-        predictions_by_model = read_predictions_if_present(config, list(metrics_by_model))
+        predictions_by_model = read_predictions_if_present(config, models)
+    if timing_by_model is None:
+        timing_by_model = read_timing_if_present(config, models)
+    if key is None:
+        key = comparability.comparability_key(config, models, hardware)
     metrics = {model: _numeric(values) for model, values in metrics_by_model.items()}
     paths, top1, top5 = correctness_vectors(
         {m: frame for m, frame in predictions_by_model.items() if m in metrics}
@@ -185,13 +240,19 @@ def record_benchmark(
         correct_top5=top5,
         git_commit=info.data.tags.get("git_commit", ""),
         config_hash=info.data.tags.get("config_hash", ""),
+        key=key,
+        recipes=comparability.recipes(config, models),
+        timing={m: v for m, v in timing_by_model.items() if m in metrics},
+        machine_state={m: v["machine_state"] for m, v in metrics_by_model.items()
+                       if isinstance(v.get("machine_state"), dict)},
     )
     run.log_metrics({f"{model}.{name}": value for model, values in metrics.items() for name, value in values.items()})
     with tempfile.TemporaryDirectory(prefix="food101-summary-") as folder:
         summary = Path(folder) / SUMMARY_ARTIFACT
         summary.write_text(json.dumps(record.to_json(), separators=(",", ":")))
         run.log_artifact(summary)
-    run.set_tags({"hardware": hardware, "benchmark_models": json.dumps(sorted(metrics))})
+    run.set_tags({"hardware": hardware, "benchmark_models": json.dumps(sorted(metrics)),
+                  KEY_TAG: comparability.key_tag(key)})
     log.info("recorded benchmark %s: %d models, %d test photos", run.run_id, len(metrics), len(paths))
     return record
 
@@ -199,14 +260,34 @@ def record_benchmark(
 # --- finding and comparing ---------------------------------------------------------------------
 
 
-def find_previous(config: Config, client: MlflowClient, exclude_run_id: str | None) -> BenchmarkRecord | None:
-    """The most recent FINISHED benchmark of the same profile that recorded metrics, or None."""
-    for run in _benchmark_runs(config, client, max_results=50):
+def find_previous(
+    config: Config, client: MlflowClient, exclude_run_id: str | None, key: dict[str, Any]
+) -> BenchmarkRecord | None:
+    """The most recent FINISHED benchmark with the same data and evaluation settings as `key`, or None.
+
+    Any profile counts: the data and the evaluation settings decide what a benchmark measured,
+    not the profile's name.
+    """
+    if not comparability.is_comparable(key):
+        log.warning("this benchmark has no data hash or class list: it is compared with nothing")
+        return None
+    tag = comparability.key_tag(key)
+    for run in _benchmark_runs(config, client, max_results=50, where=f"tags.{KEY_TAG} = '{tag}'"):
         if run.info.run_id == exclude_run_id:
             continue
         record = load_record(client, run)
-        if record is not None and record.metrics:
+        if record is not None and record.metrics and comparability.key_tag(record.key) == tag:
             return record
+    return None
+
+
+def find_latest(config: Config, client: MlflowClient, exclude_run_id: str | None) -> BenchmarkRecord | None:
+    """The most recent FINISHED benchmark of the experiment, comparable or not (to say what differs)."""
+    for run in _benchmark_runs(config, client, max_results=5, where="tags.benchmark_models != ''"):
+        if run.info.run_id != exclude_run_id:
+            record = load_record(client, run)
+            if record is not None:
+                return record
     return None
 
 
@@ -229,36 +310,69 @@ def load_record(client: MlflowClient, run: Any) -> BenchmarkRecord | None:
 
 
 def compare(
-    current: BenchmarkRecord, previous: BenchmarkRecord | None, thresholds: AlertsConfig
+    current: BenchmarkRecord, previous: BenchmarkRecord | None, thresholds: AlertsConfig,
+    latest: BenchmarkRecord | None = None,
 ) -> dict[str, Any]:
-    """Deltas per model and metric, their significance, and the regressions among them."""
+    """One outcome per model and metric (regression, improvement, inconclusive, no change), the
+    recipe changes beside them, and the metrics that cannot discriminate (n/a, never compared).
+
+    Without a comparable `previous`, `latest` (the newest benchmark of any kind) says what differs.
+    """
     result: dict[str, Any] = {
-        "current": {"run_id": current.run_id, "date": current.date, "hardware": current.hardware},
+        "current": {"run_id": current.run_id, "date": current.date, "hardware": current.hardware,
+                    "machine_state": current.machine_state},
         "previous": None,
+        "not_comparable": None,
         "same_hardware": None,
+        "recipe_changes": {},
+        "not_applicable": not_applicable(current),
         "deltas": [],
         "regressions": [],
     }
     if previous is None:
+        if latest is not None:
+            differences = comparability.key_differences(current.key, latest.key) or ["none recorded"]
+            result["not_comparable"] = {
+                "run_id": latest.run_id, "date": latest.date, "profile": latest.profile,
+                "differences": differences,
+                "message": (f"no comparable earlier benchmark; the latest one (run {latest.run_id} of "
+                            f"{latest.date}, profile {latest.profile}) differs: {'; '.join(differences)}"),
+            }
         return result
     same_hardware = bool(current.hardware) and current.hardware == previous.hardware
     result["previous"] = {
         "run_id": previous.run_id, "date": previous.date, "hardware": previous.hardware,
-        "git_commit": previous.git_commit, "metrics": previous.metrics,
+        "profile": previous.profile, "git_commit": previous.git_commit, "metrics": previous.metrics,
+        "machine_state": previous.machine_state,
     }
     result["same_hardware"] = same_hardware
+    result["recipe_changes"] = comparability.recipe_changes(previous.recipes, current.recipes)
+    skipped = {item["metric"] for item in result["not_applicable"]}
     for model in [m for m in current.metrics if m in previous.metrics]:
         now, before = current.metrics[model], previous.metrics[model]
         for metric in COMPARED_METRICS:
-            if metric not in now or metric not in before:
+            if metric not in now or metric not in before or metric in skipped:
                 continue
-            delta = _delta(model, metric, current, previous, same_hardware, thresholds.throughput_drop)
+            delta = _delta(model, metric, current, previous, same_hardware, thresholds)
+            delta["recipe_change"] = result["recipe_changes"].get(model)
             result["deltas"].append(delta)
-            reason = _regression_reason(delta, same_hardware, thresholds.throughput_drop, current.hardware)
-            if reason:
-                result["regressions"].append({"model": model, "metric": metric, "reason": reason,
-                                              "message": f"{model} {metric}: {reason}"})
+            if delta["outcome"] == REGRESSION:
+                result["regressions"].append({
+                    "model": model, "metric": metric, "reason": delta["reason"], "test": delta["test"],
+                    "p_value": delta.get("p_value"), "previous": delta["previous"], "current": delta["current"],
+                    "relative": delta["relative"], "recipe_change": delta["recipe_change"],
+                    "message": f"{model} {metric}: {delta['reason']}",
+                })
     return result
+
+
+def not_applicable(record: BenchmarkRecord) -> list[dict[str, str]]:
+    """Top-k metrics with k >= the number of classes: 100% by construction, so shown as n/a."""
+    n_classes = len(record.key.get("classes") or [])
+    if not n_classes:
+        return []
+    return [{"metric": metric, "reason": f"top-{k} with {n_classes} classes is 100% by construction"}
+            for metric, k in TOP_K.items() if k >= n_classes]
 
 
 def mcnemar_exact(before: dict[str, bool], after: dict[str, bool]) -> tuple[float, int, int, int]:
@@ -272,7 +386,7 @@ def mcnemar_exact(before: dict[str, bool], after: dict[str, bool]) -> tuple[floa
 
 def _delta(
     model: str, metric: str, current: BenchmarkRecord, previous: BenchmarkRecord,
-    same_hardware: bool, throughput_drop: float,
+    same_hardware: bool, thresholds: AlertsConfig,
 ) -> dict[str, Any]:
     now, before = current.metrics[model][metric], previous.metrics[model][metric]
     delta = now - before
@@ -280,18 +394,55 @@ def _delta(
         "model": model, "metric": metric, "previous": before, "current": now, "delta": delta,
         "relative": (delta / before) if before else None,
         "higher_is_better": metric in HIGHER_IS_BETTER,
-        "significant": False, "test": "none (point estimate)",
+        "significant": False, "test": "none (point estimate)", "p_value": None,
     }
     if metric in INTERVAL_METRICS:
         entry.update(_accuracy_significance(model, metric, current, previous))
-    elif metric in SPEED_METRICS:
-        if same_hardware:
-            relative = abs(entry["relative"] or 0.0)
-            entry["significant"] = relative > throughput_drop
-            entry["test"] = f"same hardware, change beyond {throughput_drop:.0%}"
+        worse = delta < 0 if entry["higher_is_better"] else delta > 0
+        if entry["significant"]:
+            entry["outcome"] = REGRESSION if worse else IMPROVEMENT
+            entry["reason"] = (f"{metric} {'fell' if delta < 0 else 'rose'} from {before:.2%} to {now:.2%} "
+                               f"({delta * 100:+.2f} points; {entry['test']})")
         else:
-            entry["test"] = "different hardware: not comparable"
+            entry["outcome"] = NO_CHANGE
+            entry["reason"] = f"{delta * 100:+.2f} points, not significant ({entry['test']})"
+    elif metric in SPEED_METRICS:
+        entry.update(_timing_outcome(model, metric, current, previous, same_hardware, thresholds))
+    elif delta == 0:
+        entry.update(outcome=NO_CHANGE, reason="identical")
+    else:
+        entry.update(outcome=INCONCLUSIVE, reason="a point estimate without a test")
     return entry
+
+
+def _timing_outcome(
+    model: str, metric: str, current: BenchmarkRecord, previous: BenchmarkRecord,
+    same_hardware: bool, thresholds: AlertsConfig,
+) -> dict[str, Any]:
+    """Inconclusive unless both runs have samples, the same hardware and a quiet machine; then the rank test."""
+    if not same_hardware:
+        return {"outcome": INCONCLUSIVE, "test": "different hardware: not comparable",
+                "reason": f"different hardware ({previous.hardware} -> {current.hardware})"}
+    if metric not in SAMPLED_METRICS:
+        if current.metrics[model][metric] == previous.metrics[model][metric]:
+            return {"outcome": NO_CHANGE, "reason": "identical (the same training)"}
+        return {"outcome": INCONCLUSIVE, "reason": "one figure per training: no samples to test"}
+    before, after = previous.samples(model, metric), current.samples(model, metric)
+    if before is None or after is None:
+        which = " and ".join(name for name, s in (("the previous", before), ("this", after)) if s is None)
+        return {"outcome": INCONCLUSIVE, "reason": f"no raw timing samples in {which} benchmark"}
+    noisy = (timing.noise_reasons(previous.machine_state.get(model), thresholds.max_load_per_core,
+                                  thresholds.max_other_cpu_share, "previous")
+             + timing.noise_reasons(current.machine_state.get(model), thresholds.max_load_per_core,
+                                    thresholds.max_other_cpu_share, "this"))
+    verdict = timing.compare_samples(before, after, metric in HIGHER_IS_BETTER, thresholds.min_timing_effect)
+    out = {"test": verdict.test, "p_value": verdict.p_value, "effect": verdict.effect,
+           "significant": verdict.outcome in (REGRESSION, IMPROVEMENT)}
+    if noisy:
+        return out | {"outcome": INCONCLUSIVE, "significant": False,
+                      "reason": f"machine busy while timing ({'; '.join(noisy)}); the test said: {verdict.reason}"}
+    return out | {"outcome": verdict.outcome, "reason": f"{metric} {verdict.reason}"
+                  if verdict.outcome in (REGRESSION, IMPROVEMENT) else verdict.reason}
 
 
 def _accuracy_significance(
@@ -311,19 +462,6 @@ def _accuracy_significance(
         overlap = now[bounds[0]] <= old[bounds[1]] and old[bounds[0]] <= now[bounds[1]]
         return {"significant": not overlap, "test": "interval overlap"}
     return {"significant": False, "test": "none (no interval recorded)"}
-
-
-def _regression_reason(delta: dict[str, Any], same_hardware: bool, throughput_drop: float, hardware: str) -> str:
-    metric = delta["metric"]
-    if metric == "top1" and delta["significant"] and delta["delta"] < 0:
-        return (f"top-1 fell from {delta['previous']:.2%} to {delta['current']:.2%} "
-                f"({delta['delta'] * 100:+.2f} points; {delta['test']})")
-    if metric in THROUGHPUT_METRICS and same_hardware and delta["previous"] > 0:
-        drop = -delta["delta"] / delta["previous"]
-        if drop > throughput_drop:
-            return (f"{metric} fell {drop:.0%} ({delta['previous']:.1f} -> {delta['current']:.1f} images/s) "
-                    f"on the same hardware ({hardware}); the limit is {throughput_drop:.0%}")
-    return ""
 
 
 # --- publishing --------------------------------------------------------------------------------
@@ -456,12 +594,12 @@ def _as_run(config: Config, run: Run | str) -> Run:
     return Run(client_for(config), run)
 
 
-def _benchmark_runs(config: Config, client: MlflowClient, max_results: int) -> list[Any]:
-    """FINISHED parent runs of this profile, newest first."""
+def _benchmark_runs(config: Config, client: MlflowClient, max_results: int, where: str | None = None) -> list[Any]:
+    """FINISHED benchmark parent runs, newest first: of this profile, or of any that matches `where`."""
+    scope = where if where is not None else f"tags.profile = '{config.profile}'"
     return list(client.search_runs(
         [experiment_id(config, client)],
-        filter_string=(f"tags.kind = 'benchmark' and tags.profile = '{config.profile}' "
-                       "and attributes.status = 'FINISHED'"),
+        filter_string=f"tags.kind = 'benchmark' and {scope} and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"],
         max_results=max_results,
     ))

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 _experiment_lock = threading.Lock()
 
+PID_TAG = "pid"
+STARTED_TAG = "process_started"
+
 
 def tracking_uri(config: Config) -> str:
     """MLFLOW_TRACKING_URI when set (a shared server), else the project's SQLite file."""
@@ -151,12 +154,67 @@ def git_commit(project_dir: Path) -> str:
 
 
 def base_tags(config: Config) -> dict[str, str]:
+    """Tags of every run; host, pid and process_started tell a later run whether its writer is alive."""
     return {
         "profile": config.profile,
         "git_commit": git_commit(config.project_dir),
         "config_hash": config.digest(),
         "host": platform.node(),
+        PID_TAG: str(os.getpid()),
+        STARTED_TAG: repr(psutil.Process().create_time()),
     }
+
+
+def status_for(exc: BaseException) -> str:
+    """The MLflow status of a run ended by `exc`: KILLED for a signal or Ctrl-C, else FAILED."""
+    return "FAILED" if isinstance(exc, Exception) else "KILLED"
+
+
+def _running_runs(config: Config) -> tuple[MlflowClient, list[Any]]:
+    client = client_for(config)
+    found = client.get_experiment_by_name(config.tracking.experiment)
+    if found is None:
+        return client, []
+    runs = client.search_runs(
+        [found.experiment_id], f"attributes.status = 'RUNNING' AND tags.host = '{platform.node()}'",
+        max_results=10_000,
+    )
+    return client, list(runs)
+
+
+def _writer_alive(tags: dict[str, str]) -> bool:
+    """Whether the process that created a run still runs (the same PID and start time: no reuse)."""
+    try:
+        return abs(psutil.Process(int(tags[PID_TAG])).create_time() - float(tags[STARTED_TAG])) < 0.5
+    except psutil.NoSuchProcess:
+        return False
+
+
+def mark_dead_runs_killed(config: Config) -> list[str]:
+    """Mark KILLED the RUNNING runs of this host whose process is gone (killed before it could say so).
+
+    Runs without a pid tag (written before runs carried one) are left as they are.
+    """
+    client, runs = _running_runs(config)
+    killed = []
+    for run in runs:
+        tags = run.data.tags
+        if PID_TAG in tags and STARTED_TAG in tags and not _writer_alive(tags):
+            client.set_tag(run.info.run_id, "error", f"process {tags[PID_TAG]} was killed")
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_name or run.info.run_id)
+    return killed
+
+
+def mark_runs_killed(config: Config, pid: int) -> list[str]:
+    """Mark KILLED the RUNNING runs that process `pid` created on this host (it is being stopped)."""
+    client, runs = _running_runs(config)
+    killed = []
+    for run in runs:
+        if run.data.tags.get(PID_TAG) == str(pid):
+            client.set_terminated(run.info.run_id, "KILLED")
+            killed.append(run.info.run_name or run.info.run_id)
+    return killed
 
 
 def start_benchmark_run(config: Config, extra_tags: dict[str, Any] | None = None) -> Run:
@@ -210,6 +268,7 @@ def stage_run(
             yield run
         status = "FINISHED"
     except BaseException as exc:
+        status = status_for(exc)
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         raise
     finally:

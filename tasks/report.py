@@ -285,7 +285,7 @@ def _summary_table(inputs: Inputs, recs: Recommendations) -> tuple[Table, list[d
         params = m.get("params", t.get("params"))
         name = f"**{model}** (deploy)" if model == recs.deploy.model else model
         rows.append([
-            name, ci_cell(m).replace("%", ""), num(_scaled(m.get("top5")), 1), num(m.get("macro_f1"), 3),
+            name, ci_cell(m).replace("%", ""), _top5_cell(inputs, m), num(m.get("macro_f1"), 3),
             num(m.get("ece"), 3), duration(train_time), num(train_ips, 0),
             _pair(m.get("latency_cpu_p50_ms"), m.get("latency_cpu_p95_ms"), 1),
             _pair(m.get("latency_gpu_p50_ms"), m.get("latency_gpu_p95_ms"), 2),
@@ -357,7 +357,7 @@ def build_report(
             Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
                  f"{DASH} means not measured (no GPU, or the stage did not record it)."),
             table,
-            Bullets(GLOSSARY + ([SEEDS_GLOSSARY] if has_seed_runs(metrics) else [])),
+            Bullets(GLOSSARY + ([SEEDS_GLOSSARY] if has_seed_runs(metrics) else []) + _top5_note(n_classes)),
         ]),
         _tradeoffs_section(inputs, plots),
         _learning_section(inputs, plots),
@@ -591,12 +591,25 @@ def _history_section(inputs: Inputs) -> Section:
     history = inputs.previous
     title, anchor = "Since the last benchmark", "since-the-last-benchmark"
     if not history or not history.get("previous"):
+        other = (history or {}).get("not_comparable")
+        if other:  # food101.history.compare: what keeps the latest benchmark from being compared
+            return Section(anchor, title, [
+                Callout(f"**No comparable earlier benchmark.** The latest one (run `{other.get('run_id', '?')}` of "
+                        f"{other.get('date', '?')}, profile `{other.get('profile', '?')}`) measured something else, "
+                        "so nothing is compared with it:", "warning"),
+                Bullets(list(other.get("differences") or [])),
+            ] + _not_applicable_blocks(history))
         return Section(anchor, title, [Para(
-            "This is the first benchmark of this profile: there is no earlier run to compare with. "
+            "This is the first benchmark of this profile, or of any profile on this data with these evaluation "
+            "settings: there is no earlier run to compare with. "
             f"(The comparison reads `{HISTORY_FILE}` next to this report when it exists.)")])
     previous = history["previous"]
-    blocks: list[Any] = [Para(f"Compared with the previous benchmark: run `{previous.get('run_id', '?')}` of "
-                              f"{previous.get('date', '?')}.")]
+    blocks: list[Any] = [Para(
+        f"Compared with the last benchmark on the same data and evaluation settings: run "
+        f"`{previous.get('run_id', '?')}` of {previous.get('date', '?')} (profile `{previous.get('profile', '?')}`). "
+        "Accuracy: McNemar's exact test on the photos both evaluated. Timing: a Mann-Whitney U test on the "
+        "two runs' raw samples plus a minimum change of the median, and *inconclusive* when either machine "
+        "was busy while timing, the hardware differs, or samples are missing.")]
     regressions = history.get("regressions") or []
     if regressions:
         blocks.append(Callout(f"**{len(regressions)} regression{'s' if len(regressions) != 1 else ''}** since "
@@ -608,8 +621,19 @@ def _history_section(inputs: Inputs) -> Section:
     if deltas:  # food101.history.compare: one row per model and metric both benchmarks measured
         rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
                  _signed(d.get("delta")), "yes" if d.get("significant") else "no", d.get("test") or DASH]
+    deltas = history.get("deltas") or []
+    if deltas:  # food101.history.compare: one row per model and metric both benchmarks measured
+        rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
+                 _signed(d.get("delta")), d.get("outcome") or ("significant" if d.get("significant") else DASH),
+                 d.get("reason") or d.get("test") or DASH, "changed" if d.get("recipe_change") else DASH]
+    recipes = history.get("recipe_changes") or {}
+    if recipes:
+        blocks.append(Para("**Recipe changes** since then (the metric changes of these models may come from them):"))
+        blocks.append(Bullets([f"{model}: {change}" for model, change in recipes.items()]))
                 for d in deltas]
-        blocks.append(Table(["model", "metric", "previous", "now", "change", "significant", "test"], rows))
+        blocks.append(Table(["model", "metric", "previous", "now", "change", "outcome", "why (test)", "recipe"],
+                            rows))
+    blocks.extend(_not_applicable_blocks(history))
     if inputs.trends_plot is not None:
         blocks.append(Figure(inputs.trends_plot, "Every benchmark of this profile so far, oldest first."))
     return Section(anchor, title, blocks)
@@ -620,6 +644,26 @@ def _signed(value: Any) -> str:
 
 
 def _describe(item: Any) -> str:
+def _not_applicable_blocks(history: dict[str, Any]) -> list[Any]:
+    items = history.get("not_applicable") or []
+    if not items:
+        return []
+    return [Para("Not compared (cannot discriminate): " + "; ".join(
+        f"{item['metric']}: n/a, {item['reason']}" for item in items) + ".")]
+
+
+def _top5_cell(inputs: Inputs, m: dict[str, Any]) -> str:
+    n_classes = len((inputs.classes or {}).get("names", []))
+    return "n/a" if 0 < n_classes <= 5 else num(_scaled(m.get("top5")), 1)
+
+
+def _top5_note(n_classes: int | None) -> list[str]:
+    if not n_classes or n_classes > 5:
+        return []
+    return [f"top-5 % is n/a: with {n_classes} classes every photo's class is among the top 5, so it is 100% "
+            "by construction and says nothing about the model."]
+
+
     if isinstance(item, dict):
         message = item.get("message") or item.get("text")
         if message:

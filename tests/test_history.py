@@ -7,12 +7,14 @@ import json
 import pandas as pd
 import pytest
 
-from food101 import history
+from food101 import comparability, history
 from food101.tracking import client_for, finish_run, start_benchmark_run
 from tests.conftest import make_config
 
 N_TEST = 50
 HARDWARE = "cpu: Test CPU x2; gpu: none"
+CLASSES = [f"dish_{i}" for i in range(5)]
+DATA_HASH = "a1" * 32
 
 
 def metrics(top1: float, train_ips: float = 100.0, cpu_ips: float = 400.0, half_width: float = 0.1) -> dict:
@@ -38,11 +40,17 @@ def predictions(correct: list[bool]) -> pd.DataFrame:
     })
 
 
-def benchmark(config, metrics_by_model, correct_by_model, hardware=HARDWARE, finish=True):
+def key(config, models, hardware=HARDWARE, data_hash=DATA_HASH, classes=CLASSES) -> dict:
+    """The comparability key of a benchmark of `models` on the given data (validate's outputs absent)."""
+    return comparability.comparability_key(config, list(models), hardware, data_hash=data_hash, classes=classes)
+
+
+def benchmark(config, metrics_by_model, correct_by_model, hardware=HARDWARE, finish=True, timing=None, **data):
     run = start_benchmark_run(config)
     record = history.record_benchmark(
         config, run, metrics_by_model, hardware,
         predictions_by_model={m: predictions(c) for m, c in correct_by_model.items()},
+        key=key(config, metrics_by_model, hardware, **data), timing_by_model=timing or {},
     )
     if finish:
         finish_run(run)
@@ -85,7 +93,7 @@ def test_second_benchmark_finds_the_first_and_gets_deltas(config, tmp_path, trac
     second, current = benchmark(config, {"resnet50": metrics(0.82), "mobilenet_v3_large": metrics(0.70)},
                                 {"resnet50": BASE_CORRECT, "mobilenet_v3_large": BASE_CORRECT}, finish=False)
     client = client_for(config)
-    previous = history.find_previous(config, client, exclude_run_id=second.run_id)
+    previous = history.find_previous(config, client, second.run_id, current.key)
     assert previous is not None and previous.run_id == first.run_id
     assert previous.correctness("resnet50") == dict(zip(predictions(BASE_CORRECT)["path"], BASE_CORRECT,
                                                         strict=True))
@@ -101,6 +109,10 @@ def test_second_benchmark_finds_the_first_and_gets_deltas(config, tmp_path, trac
     assert ("mobilenet_v3_large", "throughput_cpu_ips") in by_key
     assert ("resnet50", "params") not in by_key  # not a compared metric
     assert comparison["regressions"] == []
+    # Five classes: top-5 is 100% by construction, so it is n/a and never compared.
+    assert ("resnet50", "top5") not in by_key
+    assert comparison["not_applicable"] == [
+        {"metric": "top5", "reason": "top-5 with 5 classes is 100% by construction"}]
 
     path = history.write_history(config, comparison)
     assert path == config.paths.reports / "history.json"
@@ -110,7 +122,7 @@ def test_second_benchmark_finds_the_first_and_gets_deltas(config, tmp_path, trac
 
 def test_first_benchmark_has_nothing_to_compare(config):
     run, current = benchmark(config, {"resnet50": metrics(0.8)}, {"resnet50": BASE_CORRECT}, finish=False)
-    previous = history.find_previous(config, client_for(config), exclude_run_id=run.run_id)
+    previous = history.find_previous(config, client_for(config), run.run_id, current.key)
     assert previous is None
     comparison = history.compare(current, previous, config.alerts)
     assert comparison["previous"] is None and comparison["deltas"] == [] and comparison["regressions"] == []
@@ -131,10 +143,14 @@ def test_planted_regression_is_detected_tagged_and_raised(tmp_path, tracking_roo
         {"resnet50": worse, "efficientnet_b0": BASE_CORRECT}, finish=False,
     )
     client = client_for(config)
-    comparison = history.compare(current, history.find_previous(config, client, run.run_id), config.alerts)
+    comparison = history.compare(current, history.find_previous(config, client, run.run_id, current.key),
+                                 config.alerts)
     found = {(r["model"], r["metric"]) for r in comparison["regressions"]}
-    # A 20% training-throughput drop is a regression; a 2.5% inference drop is within the 10% limit.
-    assert found == {("resnet50", "top1"), ("efficientnet_b0", "train_images_per_s")}
+    # A 20% training-throughput drop without samples to test is inconclusive, not a regression.
+    assert found == {("resnet50", "top1")}
+    train_ips = next(d for d in comparison["deltas"] if (d["model"], d["metric"]) == ("efficientnet_b0",
+                                                                                    "train_images_per_s"))
+    assert train_ips["outcome"] == "inconclusive" and "no samples" in train_ips["reason"]
     top1 = next(d for d in comparison["deltas"] if (d["model"], d["metric"]) == ("resnet50", "top1"))
     assert top1["significant"] and top1["p_value"] == pytest.approx(2 * 0.5**15)
 
@@ -142,10 +158,10 @@ def test_planted_regression_is_detected_tagged_and_raised(tmp_path, tracking_roo
     assert flagged == comparison["regressions"]
     assert all(r["message"].startswith(f"{r['model']} {r['metric']}: ") for r in flagged)
     tags = client.get_run(run.run_id).data.tags
-    assert tags["regression"] == "true" and "train_images_per_s" in tags["regression_details"]
+    assert tags["regression"] == "true" and "resnet50 top1" in tags["regression_details"]
     with pytest.raises(history.RegressionDetected, match="resnet50 top1") as raised:
         history.raise_if_regressed(config, comparison)
-    assert len(raised.value.regressions) == 2
+    assert len(raised.value.regressions) == 1
     # Without fail_on_regression the same comparison is recorded but does not fail the run.
     history.raise_if_regressed(isolated_config(tmp_path, tracking_root, "planted"), comparison)
 
@@ -153,14 +169,14 @@ def test_planted_regression_is_detected_tagged_and_raised(tmp_path, tracking_roo
 def test_interval_overlap_without_correctness_vectors(config):
     benchmark(config, {"resnet50": metrics(0.80, half_width=0.02)}, {})
     run, current = benchmark(config, {"resnet50": metrics(0.70, half_width=0.02)}, {}, finish=False)
-    comparison = history.compare(current, history.find_previous(config, client_for(config), run.run_id),
+    comparison = history.compare(current, history.find_previous(config, client_for(config), run.run_id, current.key),
                                  config.alerts)
     top1 = next(d for d in comparison["deltas"] if d["metric"] == "top1")
     assert top1["test"] == "interval overlap" and top1["significant"] is True
     assert [r["metric"] for r in comparison["regressions"]] == ["top1"]
     # A small drop inside overlapping intervals is not a regression.
     _, close = benchmark(config, {"resnet50": metrics(0.79, half_width=0.02)}, {}, finish=False)
-    assert not history.compare(close, history.find_previous(config, client_for(config), close.run_id),
+    assert not history.compare(close, history.find_previous(config, client_for(config), close.run_id, close.key),
                                config.alerts)["deltas"][0]["significant"]
 
 
@@ -168,7 +184,7 @@ def test_throughput_on_different_hardware_is_shown_but_never_a_regression(config
     benchmark(config, {"resnet50": metrics(0.8)}, {"resnet50": BASE_CORRECT}, hardware="cpu: Old CPU x2; gpu: none")
     run, current = benchmark(config, {"resnet50": metrics(0.8, train_ips=50.0, cpu_ips=200.0)},
                              {"resnet50": BASE_CORRECT}, finish=False)
-    comparison = history.compare(current, history.find_previous(config, client_for(config), run.run_id),
+    comparison = history.compare(current, history.find_previous(config, client_for(config), run.run_id, current.key),
                                  config.alerts)
     assert comparison["same_hardware"] is False and comparison["regressions"] == []
     speed = {d["metric"]: d for d in comparison["deltas"] if d["metric"] in history.THROUGHPUT_METRICS}

@@ -80,7 +80,8 @@ def test_report_has_every_section_with_the_fixture_numbers(default_report):
     for model, m in facts.metrics.items():
         cells = summary_rows[model]
         assert cells[0] == f"{pct(m['top1'])} ({pct(m['top1_ci_low'])}–{pct(m['top1_ci_high'])})"
-        assert cells[1] == pct(m["top5"])
+        # The sample has 5 classes: top-5 is 100% by construction, shown as n/a with the reason.
+        assert cells[1] == ("n/a" if len(facts.classes) <= 5 else pct(m["top5"]))
         assert cells[2] == f"{m['macro_f1']:.3f}" and cells[3] == f"{m['ece']:.3f}"
         assert cells[5] == f"{m['train_images_per_s']:,.0f}"
         assert cells[6] == f"{m['latency_cpu_p50_ms']:.1f} / {m['latency_cpu_p95_ms']:.1f}"
@@ -88,6 +89,7 @@ def test_report_has_every_section_with_the_fixture_numbers(default_report):
         assert cells[8] == f"{m['params'] / 1e6:.1f}" and cells[9] == f"{m['size_mb']:.1f}"
         assert cells[10] == f"{m['gflops']:.2f}"
     assert "| **mobilenet_v3_large** (deploy) |" in found["Summary table"]
+    assert len(facts.classes) > 5 or "top-5 % is n/a: with 5 classes" in found["Summary table"]
     assert table_rows(found["Summary table"])["resnet50"][4] == "1 h 30 min"
 
     summary = found["Executive summary"]
@@ -269,7 +271,9 @@ def test_comparison_with_the_previous_benchmark(upstream):
         "previous": {"run_id": "abc123", "date": "2026-11-18",
                      "metrics": {"resnet50": {"top1": 0.84, "latency_cpu_p50_ms": 40.0}}},
         "deltas": [{"model": "resnet50", "metric": "top1", "previous": 0.84, "current": 0.82, "delta": -0.02,
-                    "significant": True, "test": "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)"}],
+                    "significant": True, "test": "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)",
+                    "outcome": "regression", "recipe_change": "lr 0.1 -> 0.05"}],
+        "recipe_changes": {"resnet50": "lr 0.1 -> 0.05"},
         "regressions": [{"model": "resnet50", "metric": "top1", "message": "resnet50 top-1 fell 2.0 points"}],
     }
     (reports / "history.json").write_text(json.dumps(history))
@@ -278,8 +282,9 @@ def test_comparison_with_the_previous_benchmark(upstream):
     assert "Regression since the last benchmark" in found["Executive summary"]
     since = found["Since the last benchmark"]
     assert "`abc123`" in since and "2026-11-18" in since and "resnet50 top-1 fell 2.0 points" in since
-    assert table_rows(since)["resnet50"] == ["top1", "0.84", "0.82", "-0.02", "yes",
-                                             "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)"]
+    assert table_rows(since)["resnet50"] == ["top1", "0.84", "0.82", "-0.02", "regression",
+                                             "mcnemar p=0.01 (30 lost, 10 gained of 1000 shared)", "changed"]
+    assert "resnet50: lr 0.1 -> 0.05" in since
     assert json.loads(Path(result["summary"]).read_text())["regressions"] == 1
 
 

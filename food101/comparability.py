@@ -1,0 +1,125 @@
+"""What makes two benchmarks comparable, and what differs when they are not.
+
+A benchmark records a comparability key: the data (manifest hash and class list), the image
+sizes, each model's recipe, the evaluation settings and the hardware. Two benchmarks measure
+the same thing when their data, class list, preprocessing sizes and evaluation settings agree;
+recipes may differ (that is what a benchmark is for: the changes are shown as such), and timings
+are compared only on the same hardware.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from food101.config import Config
+from food101.io import read_json
+
+log = logging.getLogger(__name__)
+
+# The fields of the key that must agree for two benchmarks to be compared at all.
+COMPARABLE_FIELDS = ("data_hash", "classes", "image_sizes", "evaluate")
+
+
+def comparability_key(
+    config: Config, models: list[str], hardware: str,
+    data_hash: str | None = None, classes: list[str] | None = None,
+) -> dict[str, Any]:
+    """This benchmark's key; data hash and classes default to validate's validation.json and
+    classes.json (None when that stage left none, which makes the benchmark comparable to nothing)."""
+    from tasks.preprocess import META_FILE
+    from tasks.train import training_hash
+
+    manifest = config.paths.manifest
+    if data_hash is None and (manifest / "validation.json").is_file():
+        data_hash = read_json(manifest / "validation.json").get("data_hash")
+    if classes is None and (manifest / "classes.json").is_file():
+        classes = list(read_json(manifest / "classes.json").get("names") or [])
+    cache_meta = config.paths.cache / META_FILE
+    data_key = read_json(cache_meta).get("key") if cache_meta.is_file() else None
+    return {
+        "data_hash": data_hash,
+        "classes": classes,
+        "image_sizes": {"resize": config.preprocess.resize, "crop": config.preprocess.crop},
+        "evaluate": config.raw.get("evaluate"),
+        "train_image_size": {m: config.train.for_model(m).image_size for m in models},
+        "recipe_hashes": {m: training_hash(config, m, data_key) for m in models},
+        "hardware": hardware,
+    }
+
+
+def recipes(config: Config, models: list[str]) -> dict[str, dict[str, Any]]:
+    """Each model's effective training recipe (train.py's recipe_params), JSON-safe."""
+    from tasks.train import recipe_params
+
+    return {m: json.loads(json.dumps(recipe_params(config.train.for_model(m)), default=str)) for m in models}
+
+
+def key_tag(key: dict[str, Any]) -> str:
+    """A short hash of the comparable fields, set as a tag so MLflow finds comparable runs by search."""
+    blob = {name: key.get(name) for name in COMPARABLE_FIELDS}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def is_comparable(key: dict[str, Any]) -> bool:
+    """A key without a data hash or class list describes data nobody can vouch for."""
+    return bool(key.get("data_hash")) and bool(key.get("classes"))
+
+
+def key_differences(current: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """What keeps `other` from being compared with `current`, in words ("data hash differs: 1a2b… vs 9f8e…")."""
+    if not other:
+        return ["the earlier benchmark recorded no comparability key (made by an older version)"]
+    found = []
+    now_hash, then_hash = current.get("data_hash"), other.get("data_hash")
+    if not now_hash or not then_hash:
+        found.append("data hash not recorded" + ("" if now_hash else " for this benchmark"))
+    elif now_hash != then_hash:
+        found.append(f"data hash differs: {_short(now_hash)} vs {_short(then_hash)}")
+    now_classes, then_classes = current.get("classes") or [], other.get("classes") or []
+    if now_classes != then_classes:
+        added, removed = sorted(set(now_classes) - set(then_classes)), sorted(set(then_classes) - set(now_classes))
+        detail = f"{len(now_classes)} vs {len(then_classes)}"
+        if added or removed:
+            detail += f"; new: {_few(added)}; gone: {_few(removed)}"
+        else:
+            detail += "; same names, another order"
+        found.append(f"classes differ ({detail})")
+    for name, words in (("image_sizes", "image sizes"), ("evaluate", "evaluation settings")):
+        if current.get(name) != other.get(name):
+            found.append(f"{words} differ: {_changes(other.get(name) or {}, current.get(name) or {})}")
+    return found
+
+
+def recipe_changes(before: dict[str, dict[str, Any]], after: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{model: "lr 0.1 -> 0.05, epochs 10 -> 5"} for each model whose recipe changed."""
+    out = {}
+    for model in sorted(before.keys() & after.keys()):
+        text = _changes(before[model], after[model])
+        if text:
+            out[model] = text
+    return out
+
+
+def _changes(before: dict[str, Any], after: dict[str, Any]) -> str:
+    keys = sorted(before.keys() | after.keys())
+    return ", ".join(f"{k} {_value(before.get(k))} -> {_value(after.get(k))}"
+                     for k in keys if before.get(k) != after.get(k))
+
+
+def _value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return "unset" if value is None else str(value)
+
+
+def _short(digest: str) -> str:
+    return f"{digest[:4]}…"
+
+
+def _few(names: list[str], n: int = 3) -> str:
+    if not names:
+        return "none"
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
