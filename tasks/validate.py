@@ -58,13 +58,14 @@ import logging
 import math
 import os
 import shutil
+import stat
 import tempfile
 import time
 import warnings
 from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
@@ -195,27 +196,72 @@ def expected_counts(listing: pd.DataFrame, classes: list[str], official: dict[st
 # --- reading images -------------------------------------------------------------------------
 
 
-def inspect_image(path: Path) -> dict[str, Any]:
+class NotRegularFile(Exception):
+    """A dataset path that is not a regular file inside the dataset; the message is the reason."""
+
+
+def open_regular(path: Path, root: Path | None = None) -> IO[bytes]:
+    """Open `path` for reading only if it is a regular file (inside `root`, when given).
+
+    Reading a link to /dev/zero or a FIFO never ends, and a link out of the dataset reads a file
+    that is not part of it: those raise NotRegularFile before a byte is read. The type is checked
+    again on the opened descriptor, so a swap after the first check is caught too.
+    """
+    real = Path(os.path.realpath(path))
+    _require_regular(os.stat(real).st_mode)
+    if root is not None and not real.is_relative_to(os.path.realpath(root)):
+        raise NotRegularFile(f"link to {real}, outside the dataset folder: not read")
+    descriptor = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _require_regular(os.fstat(descriptor).st_mode)
+    except NotRegularFile:
+        os.close(descriptor)
+        raise
+    return os.fdopen(descriptor, "rb")
+
+
+def _require_regular(mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kinds = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                 (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+        kind = next((name for test, name in kinds if test(mode)), "not a plain file")
+        raise NotRegularFile(f"not a regular file ({kind}): not read")
+
+
+def inspect_image(path: Path, root: Path | None = None) -> dict[str, Any]:
     """Bytes, SHA-256, header fields and a full decode of one file; never raises for bad data."""
     row: dict[str, Any] = {"bytes": 0, "sha256": "", "width": 0, "height": 0, "mode": "", "format": "",
                            "decodable": False, "error": None, "status": "quarantined"}
     try:
-        with open(path, "rb") as handle:
-            row["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
-            row["bytes"] = handle.tell()
+        handle = open_regular(path, root)
     except FileNotFoundError:
         row["error"] = "missing file"
         return row
+    except NotRegularFile as exc:
+        row["error"] = str(exc)
+        return row
+    except OSError as exc:
+        row["error"] = f"unreadable file: {exc.strerror or exc}"
+        return row
+    with handle:
+        return _inspect_open(handle, row)
+
+
+def _inspect_open(handle: IO[bytes], row: dict[str, Any]) -> dict[str, Any]:
+    try:
+        row["sha256"] = hashlib.file_digest(handle, "sha256").hexdigest()
+        row["bytes"] = handle.tell()
     except OSError as exc:
         row["error"] = f"unreadable file: {exc.strerror or exc}"
         return row
     if row["bytes"] == 0:
         row["error"] = "empty file (0 bytes)"
         return row
+    handle.seek(0)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # PIL's warnings about odd EXIF are not our verdict
-            with Image.open(path) as image:
+            with Image.open(handle) as image:
                 row["format"], row["mode"] = image.format or "", image.mode
                 width, height = image.size
                 # DCT scaling: still parses every byte, so truncation is caught like a full decode.
@@ -241,7 +287,7 @@ def inspect_image(path: Path) -> dict[str, Any]:
 
 
 def _inspect_chunk(root: str, paths: list[str]) -> list[dict[str, Any]]:
-    return [inspect_image(Path(root) / path) for path in paths]
+    return [inspect_image(Path(root) / path, Path(root)) for path in paths]
 
 
 def inspect_files(root: Path, paths: list[str], workers: int, chunk_images: int = CHUNK_IMAGES

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -21,7 +25,7 @@ from tasks.validate import (
     read_validation,
     validate,
 )
-from tests.conftest import SAMPLE, make_config
+from tests.conftest import REPO, SAMPLE, make_config
 
 
 def run_stages(config) -> dict:
@@ -118,3 +122,36 @@ def test_test_copy_of_a_train_image_is_quarantined(tmp_path, sample_copy):
     assert result["quarantined"] == 1
     assert read_validation(config)["quarantined"] == [
         {"path": "images/apple_pie/1011328.jpg", "reason": row["error"]}]
+
+
+def test_links_devices_and_fifos_are_quarantined_without_being_read(tmp_path, sample_copy):
+    images = sample_copy / "images" / "apple_pie"
+    zero, escaping, fifo, inside = (images / f"{i}.jpg" for i in ("1005649", "1014775", "1026328", "1028787"))
+    zero.unlink()
+    zero.symlink_to("/dev/zero")
+    shutil.move(escaping, tmp_path / "outside.jpg")
+    escaping.symlink_to(tmp_path / "outside.jpg")
+    fifo.unlink()
+    os.mkfifo(fifo)
+    (sample_copy / "store").mkdir()
+    shutil.move(inside, sample_copy / "store" / inside.name)
+    inside.symlink_to(sample_copy / "store" / inside.name)  # a link that stays inside the dataset is fine
+    paths = [f"images/apple_pie/{p.name}" for p in (zero, escaping, fifo, inside)]
+    # Reading /dev/zero or a FIFO never ends: run the reader where a hang can be stopped.
+    code = ("import json, sys; from pathlib import Path; from tasks.validate import inspect_files; "
+            "print(json.dumps(inspect_files(Path(sys.argv[1]), sys.argv[2:], workers=1)))")
+    done = subprocess.run([sys.executable, "-c", code, str(sample_copy), *paths], cwd=REPO, capture_output=True,
+                          text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    rows = dict(zip(paths, json.loads(done.stdout.splitlines()[-1]), strict=True))
+    assert rows[paths[0]]["error"] == "not a regular file (a character device): not read"
+    assert rows[paths[1]]["error"] == f"link to {tmp_path / 'outside.jpg'}, outside the dataset folder: not read"
+    assert rows[paths[2]]["error"] == "not a regular file (a FIFO): not read"
+    assert rows[paths[3]]["status"] == "ok"
+    assert all(rows[p]["status"] == "quarantined" and rows[p]["sha256"] == "" for p in paths[:3])
+    # The stage records them as quarantined, with the reason, and goes on.
+    config = make_config(tmp_path, paths__sample=str(sample_copy), validate__max_quarantine_fraction=0.05)
+    result = run_stages(config)
+    assert result["quarantined"] == 3
+    reasons = {q["path"]: q["reason"] for q in read_validation(config)["quarantined"]}
+    assert reasons == {p: rows[p]["error"] for p in paths[:3]}
