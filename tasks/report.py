@@ -617,19 +617,15 @@ def _history_section(inputs: Inputs) -> Section:
         blocks.append(Bullets([_describe(r) for r in regressions]))
     else:
         blocks.append(Callout("No regression since the last benchmark.", "ok"))
-    deltas = history.get("deltas") or []
-    if deltas:  # food101.history.compare: one row per model and metric both benchmarks measured
-        rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
-                 _signed(d.get("delta")), "yes" if d.get("significant") else "no", d.get("test") or DASH]
+    recipes = history.get("recipe_changes") or {}
+    if recipes:
+        blocks.append(Para("**Recipe changes** since then (the metric changes of these models may come from them):"))
+        blocks.append(Bullets([f"{model}: {change}" for model, change in recipes.items()]))
     deltas = history.get("deltas") or []
     if deltas:  # food101.history.compare: one row per model and metric both benchmarks measured
         rows = [[d.get("model", DASH), d.get("metric", DASH), _cell(d.get("previous")), _cell(d.get("current")),
                  _signed(d.get("delta")), d.get("outcome") or ("significant" if d.get("significant") else DASH),
                  d.get("reason") or d.get("test") or DASH, "changed" if d.get("recipe_change") else DASH]
-    recipes = history.get("recipe_changes") or {}
-    if recipes:
-        blocks.append(Para("**Recipe changes** since then (the metric changes of these models may come from them):"))
-        blocks.append(Bullets([f"{model}: {change}" for model, change in recipes.items()]))
                 for d in deltas]
         blocks.append(Table(["model", "metric", "previous", "now", "change", "outcome", "why (test)", "recipe"],
                             rows))
@@ -639,11 +635,6 @@ def _history_section(inputs: Inputs) -> Section:
     return Section(anchor, title, blocks)
 
 
-def _signed(value: Any) -> str:
-    return f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value)
-
-
-def _describe(item: Any) -> str:
 def _not_applicable_blocks(history: dict[str, Any]) -> list[Any]:
     items = history.get("not_applicable") or []
     if not items:
@@ -664,6 +655,11 @@ def _top5_note(n_classes: int | None) -> list[str]:
             "by construction and says nothing about the model."]
 
 
+def _signed(value: Any) -> str:
+    return f"{value:+.4g}" if isinstance(value, (int, float)) else _cell(value)
+
+
+def _describe(item: Any) -> str:
     if isinstance(item, dict):
         message = item.get("message") or item.get("text")
         if message:
