@@ -130,3 +130,22 @@ def test_next_holder_cleans_up_after_a_killed_run(tmp_path):
     assert fresh.get_run(dead_run).info.status == "KILLED"
     assert fresh.get_run(live_run).info.status == "RUNNING"
     assert psutil.pid_exists(os.getpid())
+
+
+def test_wait_queues_behind_the_holder(holder, tmp_path):
+    import threading
+
+    from food101.runlock import run_lock
+
+    process, _ = holder
+    acquired = threading.Event()
+
+    def second() -> None:
+        with run_lock(make_config(tmp_path), wait=True):
+            acquired.set()
+
+    thread = threading.Thread(target=second, daemon=True)
+    thread.start()
+    assert not acquired.wait(2), "--wait took a lock that another process holds"
+    process.send_signal(signal.SIGKILL)
+    assert acquired.wait(60), "--wait did not get the lock after its holder died"
