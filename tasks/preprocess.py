@@ -14,7 +14,7 @@ rewritten whole, never trusted); the cache appears by rename only when complete.
 the manifest rows used and the preprocessing params, so an unchanged input is a no-op and a
 changed param rebuilds.
 
-Trust on read: meta.json records each file's size and the SHA-256 of each HASH_BLOCK_BYTES block,
+Trust on read: meta.json records each file's size and the SHA-256 of each 32 MiB block,
 hashed from disk once the rows are durable (fixed blocks, not chunks, so the record does not
 depend on how many workers wrote the file). "Up to date" needs every hash to match, else the
 cache is rebuilt with a log line saying why; the reader checks sizes on open and a split's
@@ -33,10 +33,9 @@ import hashlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +51,14 @@ from food101.config import Config, PreprocessConfig
 from food101.errors import Food101Error
 from food101.io import (
     check_owned,
+    file_record,
     fsync_file,
     mark_owned,
     read_json,
     remove_owned,
     replace_dir,
     require_free_space,
+    verify_files,
     write_json,
     write_npy,
     write_parquet,
@@ -83,9 +84,6 @@ META_FILE = "meta.json"
 INDEX_FILE = "index.parquet"
 RUN_STAGE_HINT = "run the preprocess stage first: food101 stage preprocess"
 REBUILD_HINT = "run the preprocess stage again (food101 stage preprocess): it rebuilds a changed cache"
-# Files are hashed in blocks of this size (read and hashed in parallel threads).
-HASH_BLOCK_BYTES = 32 * 2**20
-HASH_THREADS = 8
 # Free disk kept beyond the cache's own size: index, labels, meta and the file system's overhead.
 FREE_SPACE_RESERVE = 256 * 2**20
 
@@ -300,45 +298,6 @@ CACHE_FILES = (*(name(split) for split in CACHE_SPLITS for name in (images_file,
 # Everything a cache or its staging folder holds: a folder written before ownership markers that
 # holds nothing else is the pipeline's and is adopted; any other file makes the folder foreign.
 CACHE_NAMES = (*CACHE_FILES, META_FILE, PROGRESS_FILE, ".*.tmp-*")
-
-
-def file_record(path: Path, threads: int = HASH_THREADS) -> dict[str, Any]:
-    """What verification compares later: the size and the SHA-256 of each block."""
-    size = path.stat().st_size
-    return {"bytes": size, "block_bytes": HASH_BLOCK_BYTES, "sha256": _block_hashes(path, HASH_BLOCK_BYTES, threads)}
-
-
-def _block_hashes(path: Path, block_bytes: int, threads: int) -> list[str]:
-    with open(path, "rb") as handle:
-        size = os.fstat(handle.fileno()).st_size
-        offsets = range(0, max(size, 1), block_bytes)
-
-        def digest(offset: int) -> str:  # pread and sha256 release the GIL: threads hash in parallel
-            return hashlib.sha256(os.pread(handle.fileno(), block_bytes, offset)).hexdigest()
-
-        if threads <= 1 or len(offsets) == 1:
-            return [digest(offset) for offset in offsets]
-        with ThreadPoolExecutor(min(threads, len(offsets))) as pool:
-            return list(pool.map(digest, offsets))
-
-
-def verify_files(folder: Path, records: dict[str, Any] | None, names: tuple[str, ...],
-                 hashes: bool, threads: int = HASH_THREADS) -> list[str]:
-    """What differs from the records (an empty list when all match): sizes always, hashes when asked."""
-    if records is None:
-        return ["no sizes or hashes were recorded (written by an older version)"]
-    problems = []
-    for name in names:
-        path, record = folder / name, records.get(name)
-        if record is None:
-            problems.append(f"{name} has no record")
-        elif not path.is_file():
-            problems.append(f"{name} is missing")
-        elif path.stat().st_size != record["bytes"]:
-            problems.append(f"{name} is {path.stat().st_size} bytes, {record['bytes']} were written")
-        elif hashes and _block_hashes(path, int(record["block_bytes"]), threads) != record["sha256"]:
-            problems.append(f"{name} has changed since it was written")
-    return problems
 
 
 def staging_path(out_dir: Path) -> Path:
