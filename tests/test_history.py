@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
+import torch
 
-from food101 import comparability, history
+from food101 import comparability, history, timing
 from food101.tracking import client_for, finish_run, start_benchmark_run
 from tests.conftest import make_config
 
@@ -220,3 +224,171 @@ def test_trends_over_past_benchmarks(config, tracking_root):
 def _record(config, run_id):
     client = client_for(config)
     return history.load_record(client, client.get_run(run_id))
+
+
+# --- comparability --------------------------------------------------------------------------------
+
+OTHER_CLASSES = ["apple_pie", "bibimbap", "falafel", "pho", "ramen"]
+
+
+def test_other_data_under_the_same_profile_is_not_compared(config):
+    sample, _ = benchmark(config, {"resnet50": metrics(0.80)}, {"resnet50": BASE_CORRECT})
+    # The same profile on other photos: `--set data.source=local --set data.local_path=...`.
+    other, current = benchmark(config, {"resnet50": metrics(0.40)}, {"resnet50": BASE_CORRECT}, finish=False,
+                               data_hash="9f8e" * 16, classes=OTHER_CLASSES)
+    client = client_for(config)
+    assert history.find_previous(config, client, other.run_id, current.key) is None
+    latest = history.find_latest(config, client, other.run_id)
+    assert latest is not None and latest.run_id == sample.run_id
+    comparison = history.compare(current, None, config.alerts, latest)
+    assert comparison["previous"] is None and comparison["deltas"] == [] and comparison["regressions"] == []
+    message = comparison["not_comparable"]["message"]
+    assert message.startswith("no comparable earlier benchmark")
+    assert "data hash differs: 9f8e… vs a1a1…" in message and "classes differ" in message
+    assert sample.run_id in message
+    finish_run(other)
+
+    # Back on the sample: the previous benchmark is the sample's, not the newer one on other data.
+    again, current = benchmark(config, {"resnet50": metrics(0.81)}, {"resnet50": BASE_CORRECT}, finish=False)
+    previous = history.find_previous(config, client, again.run_id, current.key)
+    assert previous is not None and previous.run_id == sample.run_id
+
+
+def test_other_evaluation_settings_are_not_compared_and_say_so(tmp_path, tracking_root):
+    config = isolated_config(tmp_path, tracking_root, "evaluation-settings")
+    benchmark(config, {"resnet50": metrics(0.80)}, {"resnet50": BASE_CORRECT})
+    changed = isolated_config(tmp_path, tracking_root, "evaluation-settings", evaluate__latency_runs=7)
+    run, current = benchmark(changed, {"resnet50": metrics(0.80)}, {"resnet50": BASE_CORRECT}, finish=False)
+    client = client_for(changed)
+    assert history.find_previous(changed, client, run.run_id, current.key) is None
+    comparison = history.compare(current, None, changed.alerts, history.find_latest(changed, client, run.run_id))
+    assert comparison["not_comparable"]["differences"] == ["evaluation settings differ: latency_runs 20 -> 7"]
+
+
+def test_recipe_changes_are_shown_next_to_the_metric_changes(tmp_path, tracking_root):
+    config = isolated_config(tmp_path, tracking_root, "recipes")
+    first, _ = benchmark(config, {"resnet50": metrics(0.80)}, {"resnet50": BASE_CORRECT})
+    halved = isolated_config(tmp_path, tracking_root, "recipes", train__lr=0.0025)
+    run, current = benchmark(halved, {"resnet50": metrics(0.70)}, {"resnet50": BASE_CORRECT}, finish=False)
+    previous = history.find_previous(halved, client_for(halved), run.run_id, current.key)
+    assert previous is not None and previous.run_id == first.run_id  # a recipe change is still comparable
+    comparison = history.compare(current, previous, halved.alerts)
+    assert "lr 0.005 -> 0.0025" in comparison["recipe_changes"]["resnet50"]
+    top1 = next(d for d in comparison["deltas"] if d["metric"] == "top1")
+    assert "lr 0.005 -> 0.0025" in top1["recipe_change"]
+
+
+def test_top5_is_compared_only_with_more_than_five_classes(config):
+    run, current = benchmark(config, {"resnet50": metrics(0.8)}, {"resnet50": BASE_CORRECT}, finish=False,
+                             classes=[f"dish_{i}" for i in range(10)])
+    assert history.not_applicable(current) == []
+    five = history.BenchmarkRecord.from_json(current.to_json() | {"key": current.key | {"classes": CLASSES}})
+    assert history.not_applicable(five) == [{"metric": "top5",
+                                             "reason": "top-5 with 5 classes is 100% by construction"}]
+    comparison = history.compare(current, current, config.alerts)
+    assert ("resnet50", "top5") in {(d["model"], d["metric"]) for d in comparison["deltas"]}
+    finish_run(run)
+
+
+# --- timings with their noise ----------------------------------------------------------------------
+
+
+class Delayed(torch.nn.Module):
+    """A model that waits `delay` seconds in every forward: a real, planted slowdown."""
+
+    def __init__(self, inner: torch.nn.Module, delay: float) -> None:
+        super().__init__()
+        self.inner, self.delay = inner, delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return self.inner(x)
+
+
+@pytest.fixture(scope="module")
+def small_net():
+    from torchvision.models import get_model
+
+    torch.manual_seed(0)
+    return get_model("mobilenet_v3_small", weights=None, num_classes=5).eval()
+
+
+def timed(config, model) -> tuple[dict, dict]:
+    """Time `model` with evaluate's own code: metrics.json's speed fields (with machine_state) and
+    the raw samples as timing_samples.parquet holds them."""
+    from tasks import evaluate
+
+    rows: list[dict] = []
+    speed = evaluate.measure_speed(model, 32, config.evaluate, [torch.device("cpu")], rows)
+    frame = pd.DataFrame(rows, columns=list(evaluate.TIMING_COLUMNS))
+    return speed, history.timing_by_metric(frame)
+
+
+def timed_benchmark(config, model, finish=True):
+    speed, samples = timed(config, model)
+    return benchmark(config, {"resnet50": metrics(0.8) | speed}, {"resnet50": BASE_CORRECT}, finish=finish,
+                     timing={"resnet50": samples})
+
+
+def timing_deltas(comparison) -> dict:
+    return {d["metric"]: d for d in comparison["deltas"] if d["metric"] in history.SAMPLED_METRICS}
+
+
+def test_a_busy_machine_is_never_a_regression(config, small_net):
+    """The issue's false alarm: the same weights timed again while another process hogs a core."""
+    timed_benchmark(config, small_net)
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let it reach full speed
+        run, current = timed_benchmark(config, small_net, finish=False)
+    finally:
+        hog.kill()
+        hog.wait(timeout=10)
+    assert len(current.timing["resnet50"]["latency_ms/cpu"]) == config.evaluate.latency_runs
+    state = current.machine_state["resnet50"]
+    assert state["other_cpu_share"] > 0 and state["cores"] >= 1 and "load_per_core" in state
+    previous = history.find_previous(config, client_for(config), run.run_id, current.key)
+    comparison = history.compare(current, previous, config.alerts)
+    assert comparison["regressions"] == []
+    deltas = timing_deltas(comparison)
+    assert set(deltas) == {"latency_cpu_p50_ms", "throughput_cpu_ips"}
+    for delta in deltas.values():
+        assert delta["outcome"] in ("inconclusive", "no change"), delta
+        assert delta["test"].startswith("mann-whitney u p=") and delta["reason"]
+    history.write_history(config, comparison)
+    assert history.read_history(config)["deltas"][0]["outcome"]
+
+
+def test_a_real_slowdown_is_a_regression_with_the_test_and_p_value(tmp_path, tracking_root, small_net):
+    # This test machine is shared with other work: the noise gate is opened so that the rank test
+    # decides; test_a_busy_machine_is_never_a_regression covers the gate.
+    config = isolated_config(tmp_path, tracking_root, "slowdown", alerts__max_load_per_core=1000.0,
+                             alerts__max_other_cpu_share=1.0)
+    timed_benchmark(config, small_net)
+    run, current = timed_benchmark(config, Delayed(small_net, 0.02), finish=False)
+    client = client_for(config)
+    comparison = history.compare(current, history.find_previous(config, client, run.run_id, current.key),
+                                 config.alerts)
+    latency = timing_deltas(comparison)["latency_cpu_p50_ms"]
+    assert latency["outcome"] == "regression"
+    assert latency["test"].startswith("mann-whitney u p=") and latency["p_value"] < 0.05
+    found = {r["metric"]: r for r in comparison["regressions"]}
+    assert "latency_cpu_p50_ms" in found and "mann-whitney u p=" in found["latency_cpu_p50_ms"]["message"]
+    assert found["latency_cpu_p50_ms"]["p_value"] == latency["p_value"]
+    # Without the previous run's samples there is nothing to test: inconclusive, never a regression.
+    previous = history.find_previous(config, client, run.run_id, current.key)
+    bare = history.BenchmarkRecord.from_json(previous.to_json() | {"timing": {}})
+    without = timing_deltas(history.compare(current, bare, config.alerts))["latency_cpu_p50_ms"]
+    assert without["outcome"] == "inconclusive" and "no raw timing samples" in without["reason"]
+
+
+def test_rank_test_outcomes():
+    quiet = [10.0, 10.2, 9.9, 10.1, 10.05, 9.95, 10.15, 10.0]
+    slower = [v * 1.5 for v in quiet]
+    assert timing.compare_samples(quiet, slower, False, 0.1).outcome == "regression"
+    assert timing.compare_samples(slower, quiet, False, 0.1).outcome == "improvement"
+    assert timing.compare_samples(quiet, [v * 1.02 for v in quiet], False, 0.1).outcome == "no change"
+    # A large change in too few samples to show it: inconclusive.
+    assert timing.compare_samples(quiet[:2], slower[:2], False, 0.1).outcome == "inconclusive"
+    assert timing.noise_reasons({"load_per_core": 2.0, "other_cpu_share": 0.6}, 1.0, 0.25, "this") == [
+        "this load average 2.00 per core > 1", "this: other processes used 60% of the CPU > 25%"]
