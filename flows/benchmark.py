@@ -17,10 +17,10 @@ from typing import Any
 
 from prefect import flow
 from prefect.futures import as_completed
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from food101 import history, registry
+from food101 import history, registry, serving
 from food101.config import Config, load_config
 from food101.runlock import run_lock
 from food101.tracking import Run, client_for, finish_run, start_benchmark_run, status_for
@@ -62,6 +62,8 @@ def benchmark(
     params_file: str | None = None,
 ) -> dict[str, Any]:
     """Benchmark every model in params.yaml on Food-101 and publish the report."""
+    if deployment.id:  # parameters from the Prefect API: only what a run may change
+        profile, overrides, params_file = serving.deployment_run_parameters(profile, overrides, params_file)
     config = load_config(Path(params_file) if params_file else None, profile, overrides)
     with run_lock(config):  # one run per outputs folder; re-entered when `food101 run` holds it
         log.info("benchmark %s: profile %s, models %s", FLOW_NAME, config.profile, ", ".join(config.models))
@@ -185,13 +187,18 @@ def serve_deployment(
     """Register deployment food101/benchmark with its weekly schedule and execute its runs.
 
     One benchmark at a time (global_limit=1): two would fight over the same GPUs and files.
+    The params file and --set overrides reach the runs through the environment (food101.serving),
+    so a run started through the API cannot replace them.
     """
+    import os
+
     from prefect.schedules import Cron
 
+    os.environ.update(serving.served_environment(str(params_file), overrides))
     flow_for(config).serve(
         name=DEPLOYMENT_NAME,
         schedules=[Cron(config.schedule.cron, timezone=config.schedule.timezone)],
-        parameters={"profile": profile, "overrides": overrides or None, "params_file": str(params_file)},
+        parameters={"profile": profile, "overrides": None},
         global_limit=1,
         description=f"Weekly Food-101 re-benchmark ({config.profile}): {', '.join(config.models)}",
         tags=["food101", config.profile],

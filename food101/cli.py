@@ -167,14 +167,16 @@ def serve(
     """Register deployment food101/benchmark (weekly schedule from params) and run its flow runs.
 
     Needs a Prefect server (PREFECT_API_URL). Trigger a run with
-    `prefect deployment run food101/benchmark`; runs use --profile/--set as their defaults.
+    `prefect deployment run food101/benchmark`. --params, --profile and --set (paths included)
+    hold for every run; a run started through the API may pick a profile and override other
+    parameters, never paths.*, orchestration.*, data.local_path or data.url (food101.serving).
     """
     params_file = _setup(params, verbose)
     config = _load(params_file, profile, set_)
     if not os.environ.get("PREFECT_API_URL"):
         raise ConfigError(
-            "food101 serve needs a Prefect server: start one with `prefect server start` (or `make "
-            "prefect-server`) and set PREFECT_API_URL=http://127.0.0.1:4200/api"
+            "food101 serve needs a Prefect server: start one with `make prefect-server`, then "
+            'eval "$(make -s server-env)" (sets PREFECT_API_URL and its PREFECT_API_AUTH_STRING)'
         )
     from flows.benchmark import serve_deployment
 

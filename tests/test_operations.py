@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.benchmark import benchmark, flow_for
 from tests.conftest import REPO, generated_overrides, make_config
-from tests.test_deployment import free_port, healthy, process, wait_until
+from tests.test_deployment import call, free_port, healthy, make_server, process, wait_until
 from tests.test_dvc import project_copy, run
 
 pytestmark = pytest.mark.slow
@@ -49,12 +49,47 @@ def test_flow_logs_to_a_real_mlflow_server(tmp_path: Path, prefect_harness, monk
     assert server.poll() is not None
 
 
+def stage_pids(client: MlflowClient, parent_run_id: str) -> dict[tuple[str, str | None], int]:
+    """(stage, model) -> the PID of the process that ran the stage (each stage run's `pid` tag)."""
+    parent = client.get_run(parent_run_id)
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
+    return {(r.data.tags["stage"], r.data.tags.get("model")): int(r.data.tags["pid"]) for r in children}
+
+
+def test_mlflow_server_from_make_refuses_other_hosts_and_origins(tmp_path: Path):
+    """`make mlflow-server` answers on loopback only, and only to its own Host and Origin names."""
+    port = free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = make_server("mlflow-server", tmp_path, MLFLOW_PORT=port, MLFLOW_DB=tmp_path / "server.db",
+                      MLFLOW_ARTIFACTS=tmp_path / "server-artifacts")
+    with process(cmd, dict(os.environ), tmp_path / "mlflow.log") as server:
+        wait_until(lambda: healthy(f"{uri}/health"), 90, "the MLflow server")
+        create = f"{uri}/api/2.0/mlflow/experiments/create"
+
+        def created(name: str, headers: dict[str, str]) -> int:
+            body = f'{{"name": "{name}"}}'.encode()
+            return call(create, "POST", {"Content-Type": "application/json", **headers}, body)[0]
+
+        assert created("from-a-page", {"Origin": "http://evil.example"}) == 403
+        assert created("rebound", {"Host": f"evil.example:{port}"}) == 403
+        # A form post needs no preflight: refused all the same.
+        assert created("form", {"Origin": "http://evil.example", "Content-Type": "text/plain"}) == 403
+        assert created("own-client", {}) == 200
+        client = MlflowClient(uri)
+        names = {e.name for e in client.search_experiments()}
+        assert "own-client" in names and not names & {"from-a-page", "rebound", "form"}
+    assert server.poll() is not None
+
+
 def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefect_harness):
-    from distributed import LocalCluster
+    from distributed import Client, LocalCluster
 
     thread_overrides = generated_overrides(tmp_path / "threads") | FAST
     by_threads = benchmark(profile="demo", overrides=thread_overrides, params_file=str(REPO / "params.yaml"))
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        with Client(cluster) as dask:
+            worker_pids = set(dask.run(os.getpid).values())
         dask_overrides = generated_overrides(tmp_path / "dask") | FAST | {
             "orchestration.task_runner": "dask", "orchestration.dask_address": cluster.scheduler_address}
         config = make_config(tmp_path / "dask", **{k.replace(".", "__"): v for k, v in dask_overrides.items()
@@ -65,6 +100,14 @@ def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefe
     structure = child_structure(dask_client, by_dask["parent_run_id"])
     assert structure == child_structure(threads_client, by_threads["parent_run_id"])
     assert len(structure) >= 9
+    # Mapped stages (train, evaluate) ran in the Dask worker processes, the rest in this one; with
+    # the thread runner, everything ran here.
+    assert os.getpid() not in worker_pids and len(worker_pids) == 2
+    mapped = {"train", "evaluate"}
+    by_worker = stage_pids(dask_client, by_dask["parent_run_id"])
+    assert {key for key, pid in by_worker.items() if pid in worker_pids} == {k for k in by_worker if k[0] in mapped}
+    assert {pid for key, pid in by_worker.items() if key[0] not in mapped} == {os.getpid()}
+    assert set(stage_pids(threads_client, by_threads["parent_run_id"]).values()) == {os.getpid()}
 
 
 def test_food101_run_with_default_params_leaves_dvc_status_clean(tmp_path: Path):
