@@ -300,6 +300,11 @@ CACHE_FILES = (*(name(split) for split in CACHE_SPLITS for name in (images_file,
 CACHE_NAMES = (*CACHE_FILES, META_FILE, PROGRESS_FILE, ".*.tmp-*")
 
 
+def record_cache_files(folder: Path) -> dict[str, Any]:
+    """meta.json's "files": the size and block hashes of each cache file in `folder`."""
+    return {name: file_record(folder / name) for name in CACHE_FILES}
+
+
 def staging_path(out_dir: Path) -> Path:
     """Where an unfinished cache lives (a fixed name, so a re-run finds it and resumes)."""
     return out_dir.with_name(f".{out_dir.name}.partial")
@@ -423,7 +428,7 @@ def build_cache(
     meta = {"key": key, "classes": list(classes["names"]), "display": list(classes.get("display", [])),
             "resize": params.resize, "crop": params.crop, "counts": counts,
             "val_fraction": params.val_fraction, "seed": params.seed, "format": CACHE_FORMAT,
-            "files": {name: file_record(staging / name) for name in CACHE_FILES}}
+            "files": record_cache_files(staging)}
     write_json(staging / META_FILE, meta)
     (staging / PROGRESS_FILE).unlink()
     replace_dir(out_dir, staging, stage="preprocess")

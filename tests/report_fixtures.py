@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw
 from food101.config import Config
 from food101.io import write_json, write_npy, write_parquet, write_text
 from tasks import validate
+from tasks.preprocess import record_cache_files
 from tests.conftest import sample_classes
 
 # Headline numbers per model (top-1 as fractions, latencies in ms, training time in seconds).
@@ -184,7 +185,8 @@ def _write_cache(config: Config, sample: Path, manifest: pd.DataFrame, classes: 
             test = (images, labels, list(frame["path"]))
     write_parquet(config.paths.cache / "index.parquet", pd.DataFrame(index_rows))
     write_json(config.paths.cache / "meta.json", {"key": "fixture", "classes": classes, "display": display,
-                                                  "resize": resize, "crop": crop, "counts": counts})
+                                                  "resize": resize, "crop": crop, "counts": counts,
+                                                  "files": record_cache_files(config.paths.cache)})
     return test
 
 

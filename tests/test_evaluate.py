@@ -13,7 +13,7 @@ from food101 import metrics
 from food101.io import write_json, write_npy, write_parquet
 from food101.tracking import client_for, experiment_id
 from tasks import evaluate as ev
-from tasks.preprocess import load_image, open_cache
+from tasks.preprocess import load_image, open_cache, record_cache_files
 from tasks.train import model_dir, save_checkpoint
 from tests.conftest import SAMPLE, make_config, sample_classes, single_torch_thread
 
@@ -56,7 +56,7 @@ def build_sample_cache(config, train_per_class: int = 2, val_per_class: int = 1)
         counts[split] = len(part)
     write_parquet(folder / "index.parquet", index[["split", "position", "path", "label", "image_id"]])
     write_json(folder / "meta.json", {"key": "test", "classes": classes, "display": display, "resize": resize,
-                                      "crop": crop, "counts": counts})
+                                      "crop": crop, "counts": counts, "files": record_cache_files(folder)})
 
 
 def write_trained_model(config, model: str, seed: int = 0, status: str = "ok") -> None:
