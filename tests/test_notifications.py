@@ -111,3 +111,21 @@ def test_a_failed_benchmark_notifies_and_notification_is_off_by_default(tmp_path
     regressed = {"regressions": [{"model": "resnet50", "metric": "top1", "reason": "fell", "test": "mcnemar"}]}
     assert notify.notify_regressions(off, regressed) is False
     assert len(receiver.posts) == 1
+
+
+def test_the_flow_failure_hook_notifies_with_the_runs_own_parameters(prefect_harness, tmp_path, receiver):
+    """The hook the benchmark flow carries, run by Prefect on a flow that fails the same way."""
+    from prefect import flow
+
+    from tests.conftest import REPO, generated_overrides
+
+    @flow(on_failure=[notify.failure_hook])
+    def failing(profile: str | None = None, overrides: dict | None = None, params_file: str | None = None) -> None:
+        raise RuntimeError("every model failed")
+
+    overrides = generated_overrides(tmp_path) | {"alerts.notify_url": receiver.url}
+    state = failing(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"), return_state=True)
+    assert state.is_failed()
+    [post] = receiver.posts
+    assert post["json"]["event"] == "failure" and post["json"]["profile"] == "demo"
+    assert "RuntimeError: every model failed" in post["json"]["text"]
