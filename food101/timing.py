@@ -106,17 +106,25 @@ def compare_samples(before: list[float], after: list[float], higher_is_better: b
         return TimingVerdict(INCONCLUSIVE, f"too few samples ({len(before)} and {len(after)})", "none")
     median_before, median_after = float(np.median(before)), float(np.median(after))
     effect = (median_after - median_before) / median_before if median_before else 0.0
+    spread = f"median {_median_iqr(before)} -> {_median_iqr(after)}"
     p_value = float(mannwhitneyu(before, after, alternative="two-sided").pvalue)
     test = f"mann-whitney u p={p_value:.3g} (n={len(before)}, {len(after)})"
     worse = effect < 0 if higher_is_better else effect > 0
     if p_value >= alpha:
         if abs(effect) >= min_effect:
-            return TimingVerdict(INCONCLUSIVE, f"median changed {effect:+.0%} but the samples do not show it "
+            return TimingVerdict(INCONCLUSIVE, f"{spread} ({effect:+.0%}) but the samples do not show it "
                                  f"(p={p_value:.3g} >= {alpha})", test, p_value, effect)
-        return TimingVerdict(NO_CHANGE, f"median {effect:+.1%}, not significant", test, p_value, effect)
+        return TimingVerdict(NO_CHANGE, f"{spread} ({effect:+.1%}), not significant", test, p_value, effect)
     if abs(effect) < min_effect:
-        return TimingVerdict(NO_CHANGE, f"median {effect:+.1%}: significant but below the minimum effect "
+        return TimingVerdict(NO_CHANGE, f"{spread} ({effect:+.1%}): significant but below the minimum effect "
                              f"{min_effect:.0%}", test, p_value, effect)
     outcome = REGRESSION if worse else IMPROVEMENT
-    return TimingVerdict(outcome, f"median {median_before:.4g} -> {median_after:.4g} ({effect:+.0%}; {test})",
-                         test, p_value, effect)
+    return TimingVerdict(outcome, f"{spread} ({effect:+.0%}; {test})", test, p_value, effect)
+
+
+def _median_iqr(values: list[float]) -> str:
+    """'10.1 [IQR 9.9-10.3]': the spread beside the median, so a reader sees how noisy the samples were."""
+    import numpy as np
+
+    q1, median, q3 = np.percentile(values, [25, 50, 75])
+    return f"{median:.4g} [IQR {q1:.4g}-{q3:.4g}]"
