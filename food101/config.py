@@ -507,6 +507,8 @@ def _check_ranges(config: Config) -> None:
         (config.orchestration.task_runner != "dask" or bool(config.orchestration.dask_address),
          "orchestration.task_runner=dask needs orchestration.dask_address (tcp://host:8786)"),
         (bool(config.tracking.experiment.strip()), "tracking.experiment must not be empty"),
+        (not config.alerts.notify_url or config.alerts.notify_url.startswith(("http://", "https://")),
+         f"alerts.notify_url must start with http:// or https:// (got {config.alerts.notify_url!r}), or be null"),
         (bool(config.report.title.strip()), "report.title must not be empty"),
     ]
     for ok, message in checks:

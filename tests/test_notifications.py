@@ -129,3 +129,10 @@ def test_the_flow_failure_hook_notifies_with_the_runs_own_parameters(prefect_har
     [post] = receiver.posts
     assert post["json"]["event"] == "failure" and post["json"]["profile"] == "demo"
     assert "RuntimeError: every model failed" in post["json"]["text"]
+
+
+def test_a_notify_url_that_is_not_http_is_refused_before_anything_runs(tmp_path):
+    from food101.config import ConfigError
+
+    with pytest.raises(ConfigError, match="alerts.notify_url must start with http:// or https://"):
+        isolated_config(tmp_path, tmp_path, "bad-url", alerts__notify_url="hooks.slack.com/services/x")
