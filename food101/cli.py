@@ -153,11 +153,12 @@ def _until_signalled(config: Config, work: Callable[[], T]) -> T:
     try:
         return runlock.run_until_signalled(work)
     except runlock.Interrupted as exc:
-        summary = runlock.shut_down(config)
-        typer.secho(f"error: {exc}: {summary}", fg=typer.colors.RED, err=True)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(exc.exit_code)
+        try:
+            typer.secho(f"error: {exc}: {runlock.shut_down(config)}", fg=typer.colors.RED, err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(exc.exit_code)
 
 
 @app.command()

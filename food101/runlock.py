@@ -79,7 +79,8 @@ _held_guard = threading.Lock()
 def outputs_root(config: Config) -> Path:
     """The deepest folder holding every generated path, or the project folder when that is above it."""
     project = Path(config.project_dir).resolve()
-    outputs = [Path(getattr(config.paths, f.name)) for f in dataclasses.fields(config.paths) if f.name not in NOT_OUTPUTS]
+    names = [field.name for field in dataclasses.fields(config.paths) if field.name not in NOT_OUTPUTS]
+    outputs = [Path(getattr(config.paths, name)) for name in names]
     common = Path(os.path.commonpath(outputs))
     if common == project or project.is_relative_to(common):
         return project
@@ -116,9 +117,15 @@ def run_lock(config: Config, wait: bool = False) -> Iterator[Path]:
 
 
 def _acquire(path: Path, wait: bool) -> _Held:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Opened in place, never replaced: a lock on a renamed-over file would lock nothing.
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Opened in place, never replaced: a lock on a renamed-over file would lock nothing.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        raise Food101Error(
+            f"cannot create the run lock {path} ({exc.strerror}); keep the generated paths.* under one "
+            "writable folder"
+        ) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -212,7 +219,7 @@ def run_until_signalled(work: Callable[[], T]) -> T:
     def target() -> None:
         try:
             outcome["result"] = work()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - re-raised on the main thread below
             outcome["error"] = exc
 
     def interrupt(signum: int, _frame: object) -> None:
@@ -240,8 +247,18 @@ def shut_down(config: Config) -> str:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)  # a second Ctrl-C must not cut the clean-up short
-    stopped = stop_descendants()
-    killed = mark_runs_killed(config, os.getpid())
-    removed = remove_temp_files(config)
-    return (f"stopped {stopped} child process(es), marked {len(killed)} MLflow run(s) KILLED, "
-            f"removed {len(removed)} temporary file(s); run the same command again to resume")
+    steps: list[tuple[str, Callable[[], str]]] = [
+        ("stop child processes", lambda: f"stopped {stop_descendants()} child process(es)"),
+        ("mark MLflow runs KILLED",
+         lambda: f"marked {len(mark_runs_killed(config, os.getpid()))} MLflow run(s) KILLED"),
+        ("remove temporary files", lambda: f"removed {len(remove_temp_files(config))} temporary file(s)"),
+    ]
+    done = []
+    for what, step in steps:
+        # The process exits right after this: a step that fails is reported, and the next run
+        # (clean_up_after_killed_runs) finishes it.
+        try:
+            done.append(step())
+        except Exception as exc:  # noqa: BLE001
+            done.append(f"could not {what} ({type(exc).__name__}: {exc})")
+    return ", ".join(done) + "; run the same command again to resume"
