@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint browser mlflow-server prefect-server serve constraints clean help
+.PHONY: demo test lint browser mlflow-server prefect-server serve server-env constraints clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-15s %s\n", $$1, $$2}'
@@ -35,15 +35,42 @@ browser:  ## Debian's chromium, for the report's browser test (needs root and ap
 	  || if [ "$$CI" = true ]; then echo "chromium could not be installed (CI=true: the browser test must run)" >&2; \
 	    exit 1; else echo "chromium could not be installed: the browser test will be skipped"; fi; }
 
-mlflow-server: $(STAMP)  ## an MLflow server on 127.0.0.1:5000 over mlflow.db (one worker)
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port 5000 \
-	  --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --default-artifact-root $(CURDIR)/mlruns
+# The local servers listen on 127.0.0.1 only. Prefect wants a secret on every request (a browser
+# page or a DNS-rebound name cannot supply it), CSRF tokens, and allows no other origin; MLflow
+# refuses other Host names and cross-origin writes (its basic-auth app needs `mlflow[auth]`, not
+# installed here). The secret is made on first use under $(STATE) (git-ignored, mode 600);
+# `eval "$$(make -s server-env)"` exports what the clients (food101, prefect, mlflow) need.
+STATE            ?= $(CURDIR)/.state
+PREFECT_HOME     ?= $(STATE)/prefect
+PREFECT_PORT     ?= 4200
+MLFLOW_PORT      ?= 5000
+MLFLOW_DB        ?= $(CURDIR)/mlflow.db
+MLFLOW_ARTIFACTS ?= $(CURDIR)/mlruns
 
-prefect-server: $(STAMP)  ## a Prefect server on 127.0.0.1:4200
-	PREFECT_SERVER_ANALYTICS_ENABLED=false $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+$(STATE)/%.secret:
+	@mkdir -p $(STATE) && umask 077 && python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > $@
 
-serve: $(STAMP)  ## register deployment food101/benchmark (weekly) and serve its runs
-	$(BIN)/food101 serve
+mlflow-server: $(STAMP)  ## MLflow on 127.0.0.1:5000 over mlflow.db: loopback only, Host and Origin checked
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(BIN)/mlflow server --workers 1 --host 127.0.0.1 --port $(MLFLOW_PORT) \
+	  --allowed-hosts 127.0.0.1:$(MLFLOW_PORT),localhost:$(MLFLOW_PORT) \
+	  --cors-allowed-origins http://127.0.0.1:$(MLFLOW_PORT),http://localhost:$(MLFLOW_PORT) \
+	  --backend-store-uri sqlite:///$(MLFLOW_DB) --default-artifact-root $(MLFLOW_ARTIFACTS)
+
+prefect-server: $(STAMP) $(STATE)/prefect.secret  ## Prefect on 127.0.0.1:4200: basic auth, CSRF tokens, no cross-origin calls
+	PREFECT_HOME=$(PREFECT_HOME) PREFECT_SERVER_ANALYTICS_ENABLED=false \
+	  PREFECT_SERVER_API_AUTH_STRING="food101:$$(cat $(STATE)/prefect.secret)" \
+	  PREFECT_SERVER_CSRF_PROTECTION_ENABLED=true \
+	  PREFECT_SERVER_CORS_ALLOWED_ORIGINS=http://127.0.0.1:$(PREFECT_PORT),http://localhost:$(PREFECT_PORT) \
+	  $(BIN)/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
+
+server-env: $(STATE)/prefect.secret  ## print the exports the servers' clients need
+	@echo "export PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api"
+	@echo "export PREFECT_API_AUTH_STRING=food101:$$(cat $(STATE)/prefect.secret)"
+	@echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(MLFLOW_PORT)"
+
+serve: $(STAMP) $(STATE)/prefect.secret  ## register deployment food101/benchmark (weekly) and serve its runs
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_API_AUTH_STRING="food101:$$(cat $(STATE)/prefect.secret)" \
+	  $(BIN)/food101 serve
 
 constraints: $(STAMP)  ## re-pin every package after changing pyproject.toml
 	$(BIN)/pip freeze --exclude-editable | sed '1i # Every package of the environment, pinned (Python 3.11, x86_64).' > constraints.txt
