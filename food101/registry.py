@@ -270,7 +270,7 @@ def _download(uri: str, folder: Path, config: Config, what: str) -> Path:
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(folder),
                                                         tracking_uri=tracking_uri(config)))
     except (MlflowException, OSError) as exc:
-        raise RegistryError(f"{what}: cannot download {uri} ({exc}); re-run the benchmark to register it again") from exc
+        raise RegistryError(f"{what}: cannot download {uri} ({exc}); re-run the benchmark to register it") from exc
 
 
 def _read_meta(path: Path, what: str) -> dict[str, Any]:
