@@ -15,13 +15,14 @@ from flows.benchmark import benchmark
 from food101 import history
 from food101.history import RegressionDetected
 from food101.tracking import finish_run, start_benchmark_run, tracking_uri
-from tasks.evaluate import read_metrics, read_predictions
+from tasks.evaluate import read_metrics, read_predictions, read_timing_samples
 from tests.conftest import REPO, SAMPLE, generated_overrides, make_config
+from tests.test_notifications import Receiver
 
 pytestmark = pytest.mark.slow
 
-FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}, "evaluate.latency_runs": 3,
-        "evaluate.bootstrap_samples": 50}
+# A quicker recipe, the same evaluation settings: other evaluation settings would not be comparable.
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}}
 
 
 def same_tracking(demo_run, root) -> dict:
@@ -57,6 +58,17 @@ def test_second_benchmark_reports_changes_since_the_first(demo_run, second_run, 
     assert demo_run["result"]["parent_run_id"] in since
     for delta in top1:
         assert f"{delta['current']:.4g}" in since  # this run's own numbers, in the table
+    # The quicker recipe is shown as a recipe change beside the metric changes it caused.
+    assert "epochs 10 -> 1" in saved["recipe_changes"]["resnet50"] and "Recipe changes" in since
+    assert "top5" not in {d["metric"] for d in saved["deltas"]}  # 5 classes: n/a, never compared
+    # Timings carry their samples and the machine's state; they are tested, never thresholded.
+    for model in config.models:
+        samples = read_timing_samples(config, model)
+        assert list(samples.columns) == ["metric", "device", "sample_index", "value"]
+        assert (samples["metric"] == "latency_ms").sum() == config.evaluate.latency_runs
+        assert "other_cpu_share" in read_metrics(config, model)["machine_state"]
+    speed = [d for d in saved["deltas"] if d["metric"] == "throughput_cpu_ips"]
+    assert speed and all(d["test"].startswith("mann-whitney u p=") for d in speed)
 
 
 def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(second_run, later):
@@ -72,10 +84,16 @@ def test_a_planted_regression_is_flagged_and_fails_the_flow_when_configured(seco
     history.record_benchmark(config, planted, metrics, history.hardware_description(), predictions)
     finish_run(planted)
 
-    state = benchmark(profile="demo", overrides=overrides | {"alerts.fail_on_regression": True},
-                      params_file=str(REPO / "params.yaml"),
-                      return_state=True)
+    with Receiver() as receiver:
+        state = benchmark(profile="demo", overrides=overrides | {"alerts.fail_on_regression": True,
+                                                                 "alerts.notify_url": receiver.url},
+                          params_file=str(REPO / "params.yaml"),
+                          return_state=True)
     assert state.is_failed()
+    # One message for the regression; the failure it causes is not announced a second time.
+    [post] = receiver.posts
+    assert post["json"]["event"] == "regression"
+    assert {f["metric"] for f in post["json"]["findings"]} >= {"top1"}
     with pytest.raises(RegressionDetected, match="top1"):
         state.result()
 
