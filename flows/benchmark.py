@@ -20,7 +20,7 @@ from prefect.futures import as_completed
 from prefect.runtime import deployment, flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from food101 import history, registry, serving
+from food101 import history, notify, registry, serving
 from food101.config import Config, load_config
 from food101.runlock import run_lock
 from food101.tracking import Run, client_for, finish_run, start_benchmark_run, status_for
@@ -55,7 +55,8 @@ class AllModelsFailed(RuntimeError):
     """No model could be trained and evaluated, so there is nothing to compare."""
 
 
-@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True)
+@flow(name=FLOW_NAME, task_runner=ThreadPoolTaskRunner(max_workers=4), log_prints=True,
+      on_failure=[notify.failure_hook])  # alerts.notify_url / notify_block: off by default
 def benchmark(
     profile: str | None = None,
     overrides: dict[str, Any] | None = None,
@@ -146,19 +147,24 @@ def register_and_gate(
 
 
 def compare_with_previous(config: Config, parent_run_id: str, models: list[str]) -> dict[str, Any]:
-    """Record this benchmark on its MLflow run and compare it with the previous one of the profile."""
+    """Record this benchmark on its MLflow run, compare it with the last one on the same data and
+    evaluation settings (or say what differs from the latest), and notify of regressions."""
     parent = Run(client_for(config), parent_run_id)
     record = history.record_benchmark(
         config, parent, {m: read_metrics(config, m) for m in models}, history.hardware_description()
     )
-    previous = history.find_previous(config, parent.client, exclude_run_id=parent_run_id)
-    comparison = history.compare(record, previous, config.alerts)
+    previous = history.find_previous(config, parent.client, parent_run_id, record.key)
+    latest = None if previous else history.find_latest(config, parent.client, parent_run_id)
+    comparison = history.compare(record, previous, config.alerts, latest)
     trend = history.trend_frame(config, parent.client, include_run_id=parent_run_id)
     history.plot_trends(trend, history.trends_path(config))
     history.write_history(config, comparison, trend)
     regressions = history.flag_regressions(parent, comparison)
     for regression in regressions:
         log.warning("regression: %s", regression.get("message") or regression["reason"])
+    if comparison["not_comparable"]:
+        log.info("%s", comparison["not_comparable"]["message"])
+    notify.notify_regressions(config, comparison)
     return comparison
 
 
