@@ -221,6 +221,17 @@ def test_trends_over_past_benchmarks(config, tracking_root):
     assert empty.empty and history.plot_trends(empty, config.paths.reports / "empty.png").is_file()
 
 
+def rendered_comparison(comparison: dict, base) -> str:
+    """The report's "Since the last benchmark" section for this comparison, as Markdown."""
+    from types import SimpleNamespace
+
+    from food101.document import Report, render_markdown
+    from tasks.report import _history_section
+
+    section = _history_section(SimpleNamespace(previous=comparison, trends_plot=None))
+    return render_markdown(Report("comparison", "", [section], {}, []), base)
+
+
 def _record(config, run_id):
     client = client_for(config)
     return history.load_record(client, client.get_run(run_id))
@@ -246,6 +257,8 @@ def test_other_data_under_the_same_profile_is_not_compared(config):
     assert message.startswith("no comparable earlier benchmark")
     assert "data hash differs: 9f8e… vs a1a1…" in message and "classes differ" in message
     assert sample.run_id in message
+    text = rendered_comparison(comparison, config.paths.reports)
+    assert "No comparable earlier benchmark" in text and "data hash differs: 9f8e… vs a1a1…" in text
     finish_run(other)
 
     # Back on the sample: the previous benchmark is the sample's, not the newer one on other data.
@@ -355,8 +368,11 @@ def test_a_busy_machine_is_never_a_regression(config, small_net):
     for delta in deltas.values():
         assert delta["outcome"] in ("inconclusive", "no change"), delta
         assert delta["test"].startswith("mann-whitney u p=") and delta["reason"]
-    history.write_history(config, comparison)
-    assert history.read_history(config)["deltas"][0]["outcome"]
+    # The report says why: each timing row carries its outcome and reason.
+    text = rendered_comparison(comparison, config.paths.reports)
+    assert "No regression since the last benchmark" in text
+    for delta in deltas.values():
+        assert f"| {delta['outcome']} | {delta['reason'].split(' (')[0]}" in text
 
 
 def test_a_real_slowdown_is_a_regression_with_the_test_and_p_value(tmp_path, tracking_root, small_net):
