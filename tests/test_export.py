@@ -1,0 +1,176 @@
+"""export: the real stage on a cache of real sample photos and tiny models (ONNX, int8, timing probes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from food101 import metrics
+from food101.deploy_targets import recommend_targets
+from food101.document import Para, Table
+from food101.onnx_inference import INPUT_NAME, run_batches, session
+from tasks import export as ex
+from tasks.preprocess import open_cache
+from tests.conftest import make_config, single_torch_thread
+from tests.test_evaluate import build_sample_cache, write_trained_model
+
+MODELS = ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
+FAST = {
+    "models": MODELS,
+    "export__latency_warmup": 1,
+    "export__latency_runs": 3,
+    "export__throughput_batch": 4,
+    "export__throughput_runs": 1,
+    "export__calibration_size": 6,
+    "export__calibration_batch": 4,
+    "export__bootstrap_samples": 200,
+    # untrained networks give near-equal logits, so near-ties may flip between runtimes
+    "export__min_top1_agreement": 0.9,
+}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    config = make_config(root, **FAST)
+    build_sample_cache(config, train_per_class=3)
+    with single_torch_thread():
+        for model in MODELS:
+            write_trained_model(config, model)
+        results = {m: ex.export.fn(config, m) for m in MODELS}
+    return config, results
+
+
+def test_export_writes_a_checked_onnx_with_dynamic_batch_and_parity(exported):
+    config, results = exported
+    for model in MODELS:
+        folder = ex.export_dir(config, model)
+        summary = ex.read_export(config, model)
+        assert summary["status"] == "ok" and results[model]["opset"] == summary["opset"] >= 17
+        graph = onnx.load(str(folder / ex.ONNX_FILE))
+        onnx.checker.check_model(graph)
+        assert graph.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # a named, dynamic batch axis
+        assert summary["parity"]["max_abs_logit_diff"] <= config.export.max_abs_logit_diff
+        # the graph takes the cache's uint8 photos: any batch size, no Python preprocessing
+        images = open_cache(config).images("test")
+        sess = session(folder / ex.ONNX_FILE, 1)
+        assert run_batches(sess, images[:3], 3).shape == (3, 5)
+        assert run_batches(sess, images[:1], 1).shape == (1, 5)
+        preprocess = ex.read_json(folder / ex.PREPROCESS_FILE)
+        assert preprocess["crop"] == config.preprocess.crop and len(preprocess["classes"]) == 5
+        assert len(summary["variants"]) == 3
+        for variant in summary["variants"]:
+            assert variant["latency_p95_ms"] >= variant["latency_p50_ms"] > 0
+            assert variant["throughput_ips"] > 0 and variant["peak_rss_mb"] > 0 and variant["size_mb"] > 0
+
+
+def test_int8_accuracy_and_mcnemar_come_from_the_real_test_predictions(exported):
+    config, _ = exported
+    model = MODELS[0]
+    summary = ex.read_export(config, model)
+    folder = ex.export_dir(config, model)
+    cache = open_cache(config)
+    images, labels = cache.images("test"), np.asarray(cache.labels("test"))
+    fp32 = run_batches(session(folder / ex.ONNX_FILE, 1), images, 16).argmax(1) == labels
+    int8 = run_batches(session(folder / ex.INT8_FILE, 1), images, 16).argmax(1) == labels
+    expected = metrics.mcnemar_exact(fp32, int8)
+    assert summary["int8"]["fp32_only"] == expected.n_a_only and summary["int8"]["int8_only"] == expected.n_b_only
+    assert summary["int8"]["p_value"] == pytest.approx(expected.p_value)
+    int8_row = next(v for v in summary["variants"] if v["precision"] == "int8")
+    assert int8_row["top1"] == pytest.approx(int8.mean())
+    assert summary["int8"]["top1_drop"] == pytest.approx(fp32.mean() - int8.mean())
+    assert summary["n_test"] == len(labels) == 50
+    # int8 is really quantized: QDQ nodes, and a smaller file than fp32
+    ops = {node.op_type for node in onnx.load(str(folder / ex.INT8_FILE)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+
+
+def test_calibration_reads_only_train_rows(exported):
+    config, _ = exported
+    index = open_cache(config).index
+    test_paths = set(index.loc[index["split"] == "test", "path"])
+    train_paths = set(index.loc[index["split"] == "train", "path"])
+    for model in MODELS:
+        used = ex.read_calibration_rows(config, model)
+        assert len(used) == config.export.calibration_size
+        assert set(used["path"]) <= train_paths
+        assert not set(used["path"]) & test_paths
+
+
+def test_calibration_reader_hands_out_exactly_the_chosen_rows():
+    images = np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1) * np.ones((1, 2, 2, 3), np.uint8)
+    rows = ex.calibration_rows(10, 4, seed=0)
+    reader = ex.CacheCalibration(images, rows, batch=3)
+    seen = []
+    while (batch := reader.get_next()) is not None:
+        seen += batch[INPUT_NAME][:, 0, 0, 0].tolist()
+    assert seen == rows.tolist() and len(set(seen)) == 4
+
+
+def test_a_broken_export_fails_only_that_model_and_the_report_marks_it(exported, tmp_path, monkeypatch):
+    config, _ = exported
+    broken = MODELS[1]
+    original = ex.with_preprocessing
+
+    class Unsupported(torch.autograd.Function):
+        """A Python autograd function: torch.export cannot trace it into the graph."""
+
+        @staticmethod
+        def forward(ctx, x):
+            return x.numpy().copy() and x
+
+    def sabotaged(network, *args):
+        module = original(network, *args)
+        inner = module.forward
+        module.forward = lambda pixels: Unsupported.apply(inner(pixels))
+        return module
+
+    monkeypatch.setattr(ex, "with_preprocessing", sabotaged)
+    with pytest.raises(ex.ExportError, match="ONNX export failed"), single_torch_thread():
+        ex.export.fn(config, broken)
+    summary = ex.read_export(config, broken)
+    assert summary["status"] == "failed" and "ONNX export failed" in summary["error"]
+    assert ex.read_export(config, MODELS[0])["status"] == "ok"
+    section = ex.deployment_section(config, ex.load_exports(config, MODELS), None)
+    table = next(b for b in section.blocks if isinstance(b, Table) and "Runtime" in b.headers)
+    assert {row[0] for row in table.rows} == {MODELS[0]}
+    assert any(isinstance(b, Para) and f"{broken}: export failed" in b.text for b in section.blocks)
+
+
+def test_parity_below_the_threshold_fails_with_the_numbers():
+    settings = make_config_settings(max_abs_logit_diff=1e-3, min_top1_agreement=0.99)
+    with pytest.raises(ex.ExportError, match=r"max \|logit diff\| 0\.5 .*agreement 0\.5000"):
+        ex.check_parity("resnet50", {"max_abs_logit_diff": 0.5, "top1_agreement": 0.5}, settings)
+
+
+def make_config_settings(**changes):
+    import dataclasses
+
+    from food101.config import load_config
+    from tests.conftest import REPO
+
+    return dataclasses.replace(load_config(REPO / "params.yaml").export, **changes)
+
+
+def _row(model, runtime, precision, top1, p95, size, ips, drop=False):
+    return {"model": model, "runtime": runtime, "precision": precision, "top1": top1, "latency_p50_ms": p95 / 2,
+            "latency_p95_ms": p95, "size_mb": size, "throughput_ips": ips, "significant_drop": drop}
+
+
+def test_a_significant_int8_drop_is_never_recommended_and_the_reason_says_so():
+    settings = make_config_settings()
+    rows = [_row("resnet50", "onnxruntime", "fp32", 0.80, 40.0, 90.0, 50.0),
+            _row("resnet50", "onnxruntime", "int8", 0.79, 12.0, 23.0, 150.0, drop=True),
+            _row("mobilenet_v3_large", "onnxruntime", "fp32", 0.70, 8.0, 16.0, 120.0),
+            _row("mobilenet_v3_large", "onnxruntime", "int8", 0.69, 4.0, 4.2, 260.0)]
+    choices = {c.target: c for c in recommend_targets(rows, settings)}
+    assert choices["cpu_server"].choice == "mobilenet_v3_large on onnxruntime fp32"
+    assert choices["gpu_server"].choice == "mobilenet_v3_large on onnxruntime int8"
+    assert "resnet50 in int8 would have won" in choices["cpu_server"].reason
+    assert choices["edge"].choice == "mobilenet_v3_large on onnxruntime int8"
+    for choice in choices.values():
+        assert choice.reason[0].isupper() and choice.reason.endswith(".") and choice.reason.count(". ") == 0
+    one = recommend_targets(rows[2:3], settings)[0].reason
+    assert "Of the 1 variant under" in one
