@@ -28,6 +28,7 @@ from food101.versioning import record_outputs
 from tasks.confusion import confusion
 from tasks.download import download
 from tasks.evaluate import evaluate, read_metrics
+from tasks.export import export
 from tasks.preprocess import preprocess
 from tasks.report import report
 from tasks.train import train
@@ -45,10 +46,11 @@ STAGES = {
     "preprocess": preprocess,
     "train": train,
     "evaluate": evaluate,
+    "export": export,
     "confusion": confusion,
     "report": report,
 }
-PER_MODEL_STAGES = ("train", "evaluate")
+PER_MODEL_STAGES = ("train", "evaluate", "export")
 
 
 class AllModelsFailed(RuntimeError):
@@ -103,10 +105,12 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         else:
             failures[model] = f"training failed: {_state_error(future.state)}"
     evaluated: dict[str, dict[str, Any]] = {}
+    exports: dict[str, Any] = {}  # export[model]: a failed export is marked in the report, the model stays
     for model, future in evaluations.items():
         future.wait()
         if future.state.is_completed():
             evaluated[model] = future.result()
+            exports[model] = stage["export"].submit(config, model, parent_run_id)
         else:
             failures[model] = f"evaluation failed: {_state_error(future.state)}"
     for model, reason in failures.items():
@@ -118,8 +122,9 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         raise AllModelsFailed(f"every model failed: {failures}")
     stage["confusion"](config, models, parent_run_id)
     comparison = compare_with_previous(config, parent_run_id, models)
+    export_failures = _wait_exports(exports)
     published = stage["report"](config, models, failures, parent_run_id)  # renders the comparison too
-    dvc = record_outputs(config) if not failures else None
+    dvc = record_outputs(config) if not failures and not export_failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
     # Last, so that a regression still leaves a complete report, registry and DVC record behind.
@@ -129,6 +134,7 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         "parent_run_id": parent_run_id,
         "models": {m: evaluated[m] for m in models},
         "failures": failures,
+        "export_failures": export_failures,
         "data": data,
         "report": published,
         "registry": registered,
@@ -166,6 +172,17 @@ def compare_with_previous(config: Config, parent_run_id: str, models: list[str])
         log.info("%s", comparison["not_comparable"]["message"])
     notify.notify_regressions(config, comparison)
     return comparison
+
+
+def _wait_exports(futures: dict[str, Any]) -> dict[str, str]:
+    """Wait for every export[model]; a failed one is logged (export.json records it for the report)."""
+    failed = {}
+    for model, future in futures.items():
+        future.wait()
+        if not future.state.is_completed():
+            failed[model] = f"export failed: {_state_error(future.state)}"
+            log.error("model %s has no deployable export in this benchmark: %s", model, failed[model])
+    return failed
 
 
 def _state_error(state: Any) -> str:

@@ -39,6 +39,7 @@ class Paths:
     cache: Path
     models: Path
     eval: Path
+    export: Path
     confusion: Path
     reports: Path
     tracking_db: Path
@@ -131,6 +132,40 @@ class EvaluateConfig:
     seed: int
 
 
+EXPORT_RULES = ("max_accuracy_under_p95", "max_accuracy_under_size", "max_throughput")
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """A deployment target and the rule that picks its model, runtime and precision."""
+
+    label: str  # how the report names it: "CPU server"
+    rule: Literal["max_accuracy_under_p95", "max_accuracy_under_size", "max_throughput"]
+    max_p95_ms: float | None = None  # max_accuracy_under_p95: batch-1 p95 latency budget
+    max_size_mb: float | None = None  # max_accuracy_under_size: file size budget
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int  # ONNX opset of torch.onnx.export (dynamo)
+    max_abs_logit_diff: float  # parity with PyTorch on the test split, or the export fails
+    min_top1_agreement: float
+    calibration_size: int  # train photos (seeded) that calibrate the int8 activations
+    calibration_batch: int
+    reduce_range: bool  # 7-bit weights: safe on CPUs without VNNI
+    batch_size: int  # batch of the accuracy and parity passes
+    threads: int  # intra-op threads of every runtime while timing
+    latency_warmup: int
+    latency_runs: int
+    throughput_batch: int
+    throughput_runs: int
+    bootstrap_samples: int
+    significance: float  # McNemar p below this: the int8 drop is real, not chance
+    serve_target: str  # the target whose choice tags the champion and is served
+    targets: dict[str, TargetConfig]
+    seed: int
+
+
 @dataclass(frozen=True)
 class ConfusionConfig:
     top_pairs: int
@@ -183,6 +218,7 @@ class Config:
     models: list[str]
     train: TrainConfig
     evaluate: EvaluateConfig
+    export: ExportConfig
     confusion: ConfusionConfig
     report: ReportConfig
     orchestration: OrchestrationConfig
@@ -466,6 +502,20 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.bootstrap_samples": _at_least(1),
     "evaluate.ece_bins": _at_least(1),
     "evaluate.seed": _at_least(0),
+    "export.opset": _at_least(17),
+    "export.max_abs_logit_diff": _POSITIVE,
+    "export.min_top1_agreement": _FRACTION_OPEN_BOTTOM,
+    "export.calibration_size": _at_least(1),
+    "export.calibration_batch": _at_least(1),
+    "export.batch_size": _at_least(1),
+    "export.threads": _at_least(1),
+    "export.latency_warmup": _at_least(0),
+    "export.latency_runs": _at_least(1),
+    "export.throughput_batch": _at_least(1),
+    "export.throughput_runs": _at_least(1),
+    "export.bootstrap_samples": _at_least(1),
+    "export.significance": _FRACTION_OPEN,
+    "export.seed": _at_least(0),
     "confusion.top_pairs": _at_least(1),
     "confusion.group_threshold": _FRACTION_OPEN_BOTTOM,
     "confusion.examples_per_pair": _at_least(0),
@@ -515,6 +565,7 @@ def _check_ranges(config: Config) -> None:
         if not ok:
             raise ConfigError(message)
     _check_schedule(config.schedule)
+    _check_export(config.export)
     _check_model_names(config.models)
     # Overrides may name models that are not benchmarked this time (`--set models=[...]`), but
     # each must be a real model and a valid recipe: a typo is an error, not a silently unused key.
@@ -552,6 +603,18 @@ def _check_schedule(schedule: ScheduleConfig) -> None:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigError(f"schedule.timezone {schedule.timezone!r} is not a known time zone "
                           "(for example UTC or Europe/Zurich)") from exc
+
+
+def _check_export(settings: ExportConfig) -> None:
+    """Each target has the budget its rule needs, and serve_target names a target."""
+    needs = {"max_accuracy_under_p95": "max_p95_ms", "max_accuracy_under_size": "max_size_mb"}
+    if settings.serve_target not in settings.targets:
+        raise ConfigError(f"export.serve_target {settings.serve_target!r} is not one of export.targets "
+                          f"({', '.join(settings.targets)}){_suggest(settings.serve_target, settings.targets)}")
+    for name, target in settings.targets.items():
+        budget = needs.get(target.rule)
+        if budget and (getattr(target, budget) is None or getattr(target, budget) <= 0):
+            raise ConfigError(f"export.targets.{name}.{budget} must be a positive number for rule {target.rule}")
 
 
 def _check_paths(config: Config) -> None:

@@ -59,6 +59,7 @@ from food101.recommend import (
     significance_text,
 )
 from food101.tracking import stage_run
+from tasks.export import DEPLOYMENT_PLOT, deployment_rows, deployment_section, load_exports, plot_deployment
 
 log = logging.getLogger(__name__)
 
@@ -360,6 +361,7 @@ def build_report(
             Bullets(GLOSSARY + ([SEEDS_GLOSSARY] if has_seed_runs(metrics) else []) + _top5_note(n_classes)),
         ]),
         _tradeoffs_section(inputs, plots),
+        deployment_section(config, load_exports(config, list(metrics)), plots.get("deployment")),
         _learning_section(inputs, plots),
         _classes_section(inputs),
         _confusion_section(inputs, plots),
@@ -785,6 +787,9 @@ def _make_plots(config: Config, inputs: Inputs, folder: Path) -> dict[str, Path]
         fig = plot_accuracy_vs_cost(metrics, train_time, "training time (minutes, wall clock)",
                                     "Accuracy vs training time", colours)
         plots["accuracy_vs_training_time"] = _save(fig, folder / "accuracy_vs_training_time.png")
+    exported = deployment_rows(load_exports(config, list(metrics)))
+    if exported:
+        plots["deployment"] = plot_deployment(exported, folder / DEPLOYMENT_PLOT)
     if inputs.history:
         fig = plot_learning_curves(inputs.history, inputs.train, colours)
         plots["learning_curves"] = _save(fig, folder / "learning_curves.png")
