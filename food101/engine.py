@@ -16,13 +16,11 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -30,7 +28,7 @@ from tqdm.auto import tqdm
 from food101.config import TrainConfig
 from food101.devices import synchronize
 from food101.errors import Food101Error
-from food101.models import classifier_head, parameter_groups
+from food101.models import DROPOUT_STREAM, classifier_head, draw_dropout_from, parameter_groups, stream_seed
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +47,9 @@ class TrainingOutOfMemory(Food101Error):
 @dataclass
 class Trainer:
     """What one training needs at every step. `model` is the module whose weights are saved;
-    `forward` is the same module, possibly compiled."""
+    `forward` is the same module, possibly compiled. `generator` is the only source of randomness
+    inside the model (dropout, stochastic depth): torch's process-wide generator is shared by
+    every thread of the flow."""
 
     model: nn.Module
     forward: nn.Module
@@ -59,6 +59,7 @@ class Trainer:
     device: torch.device
     amp: bool
     channels_last: bool
+    generator: torch.Generator
     label: str = "model"
 
 
@@ -138,6 +139,8 @@ def make_trainer(
     """Put the model on the device in its training layout and build optimizer, schedule, loss."""
     channels_last = recipe.channels_last
     adapt_batchnorm_momentum(model, steps_per_epoch)
+    generator = torch.Generator(device=device).manual_seed(stream_seed(recipe.seed, DROPOUT_STREAM))
+    draw_dropout_from(model, generator)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = make_optimizer(model, recipe, device)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
@@ -152,7 +155,7 @@ def make_trainer(
         model=model, forward=forward, optimizer=optimizer, scheduler=scheduler,
         criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
         # bf16 autocast on CUDA: same range as fp32, so no grad scaler (fp16 would need one).
-        amp=device.type == "cuda", channels_last=channels_last, label=label,
+        amp=device.type == "cuda", channels_last=channels_last, generator=generator, label=label,
     )
 
 
@@ -271,32 +274,13 @@ def evaluate_batches(trainer: Trainer, batches: Iterable) -> dict[str, float]:
     return {"val_loss": float(loss_sum) / images, "val_top1": float(correct) / images}
 
 
-def rng_state() -> dict[str, Any]:
-    """Every random generator's state as tensors and plain Python (loadable with weights_only)."""
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
+def rng_state(trainer: Trainer) -> dict[str, Any]:
+    """The training's generator state (a tensor: loadable with weights_only)."""
+    return {"generator": trainer.generator.get_state()}
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    name, keys, *rest = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+def set_rng_state(trainer: Trainer, state: dict[str, Any]) -> None:
+    trainer.generator.set_state(state["generator"])
 
 
 def fit(
@@ -322,11 +306,12 @@ def fit(
         trainer.model.load_state_dict(resume["model"])
         trainer.optimizer.load_state_dict(resume["optimizer"])
         trainer.scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
+        set_rng_state(trainer, resume["rng"])
         history = [dict(row) for row in resume["history"]]
         best_epoch, best_val_top1 = resume["best_epoch"], resume["best_val_top1"]
         start_epoch = resume["epoch"] + 1
-    result = FitResult(history, best_epoch, best_val_top1, None, start_epoch)
+    result = FitResult(history, best_epoch, best_val_top1, checkpoint_best_state(resume) if resume else None,
+                       start_epoch)
     for epoch in range(start_epoch, recipe.epochs + 1):
         if _patience_ran_out(recipe, epoch - 1, result.best_epoch):
             result.stopped_early = True
@@ -375,13 +360,23 @@ def fit(
                 "optimizer": trainer.optimizer.state_dict(),
                 "scheduler": trainer.scheduler.state_dict(),
                 "epoch": epoch,
-                "rng": rng_state(),
+                "rng": rng_state(trainer),
                 "history": [dict(row) for row in result.history],
                 "best_epoch": result.best_epoch,
                 "best_val_top1": result.best_val_top1,
+                # The best weights travel with the checkpoint (a copy only when they are not "model"),
+                # so a lost or stale best.pt can be rebuilt from it.
+                "best_state": None if result.best_epoch == epoch else result.best_state,
             }
             on_epoch_end(EpochEnd(record, checkpoint, is_best, result.best_state if is_best else None))
     return result
+
+
+def checkpoint_best_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The best epoch's weights a checkpoint carries: its own when it is the best epoch."""
+    if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        return checkpoint["model"]
+    return checkpoint.get("best_state")
 
 
 def _has_rows(source: Iterable) -> bool:

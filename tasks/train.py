@@ -2,8 +2,15 @@
 
 The engine (`make_trainer`, `train_step`, `fit`, ...) lives in food101/engine.py; this stage
 wires it to the uint8 cache, the device feed, the checkpoint files and MLflow: a checkpoint each
-epoch (atomic, with RNG states and a hash of the configuration), resume when the hash matches,
-the best weights by validation top-1, per-epoch metrics, and a clear failure record.
+epoch (atomic, with the training's generator state, the best weights' identity and a hash of the
+configuration), resume when the hash matches, the best weights by validation top-1, per-epoch
+metrics, and a clear failure record.
+
+Every best.pt and checkpoint.pt is checked when read against the sha256 recorded in files.json
+when it was written. best.pt is written before the checkpoint that names it, so a kill between
+the two leaves a checkpoint whose best weights best.pt may not hold; the re-run then rebuilds
+best.pt from the checkpoint (which carries the best weights). A damaged checkpoint is deleted
+and the model trained again from the start.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import statistics
@@ -34,13 +42,14 @@ from food101.engine import (
     EpochEnd,
     TrainingDiverged,
     TrainingOutOfMemory,
+    checkpoint_best_state,
     fit,
     make_trainer,
     scaled_lr,
-    seed_everything,
 )
-from food101.io import atomic_path, read_json, write_json
-from food101.models import build_model, normalization
+from food101.errors import Food101Error
+from food101.io import atomic_path, read_json, require_free_space, write_bytes, write_json
+from food101.models import build_model, model_from_state, normalization
 from food101.tracking import Run, stage_run
 
 if TYPE_CHECKING:
@@ -52,6 +61,19 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", 
                    "epoch_time_s")
 # pip requirements of the logged MLflow model, given so MLflow does not spend seconds inferring them.
 MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
+# Bumped when what a checkpoint holds or how a training draws its randomness changes: older
+# checkpoints are then not resumed.
+CHECKPOINT_FORMAT = 2
+# sha256 and size of each checkpoint file, recorded when it is written.
+RECORDS_FILE = "files.json"
+# Recipe fields that do not change the trained weights (how many replicas, where the images live).
+NOT_IN_HASH = ("seeds", "gpu_cache")
+# What identifies the data when the cache's key is not given: everything but how it was fetched.
+DATA_OPERATIONAL = ("download_retries", "min_free_gb")
+
+
+class DamagedCheckpoint(Food101Error):
+    """A best.pt or checkpoint.pt is not the file the train stage wrote."""
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -72,18 +94,25 @@ def replica_dir(config: Config, model: str, seed: int) -> Path:
 
 
 def training_hash(config: Config, model: str, data_key: str | None = None, seed: int | None = None) -> str:
-    """What a checkpoint must match to be resumed: this model's recipe, the data and preprocessing.
+    """What a checkpoint must match to be resumed: what changes the trained weights.
 
-    Only this model's recipe counts (not other models' overrides), so editing one model's
-    settings does not restart the others. `seed` replaces the recipe's for a replica; the number
-    of seeds is left out, so asking for more replicas keeps the trainings already done.
+    That is this model's recipe (not other models' overrides, not the number of seeds: asking
+    for more replicas keeps the trainings already done), the data (the cache's key, which hashes
+    every photo used and the preprocessing; the data settings when no key is given) and the
+    preprocessing that shapes the pixels. How the data was fetched or how many workers decoded it
+    does not count. `seed` replaces the recipe's for a replica.
     """
     recipe = dataclasses.asdict(config.train.for_model(model))
-    del recipe["seeds"]
+    for field in NOT_IN_HASH:
+        recipe.pop(field, None)
     if seed is not None:
         recipe["seed"] = seed
-    blob = {"model": model, "recipe": recipe, "data": config.raw.get("data"),
-            "preprocess": config.raw.get("preprocess"), "data_key": data_key}
+    params = config.preprocess
+    data = data_key if data_key is not None else {
+        k: v for k, v in dataclasses.asdict(config.data).items() if k not in DATA_OPERATIONAL}
+    blob = {"format": CHECKPOINT_FORMAT, "model": model, "recipe": recipe, "data": data,
+            "preprocess": {"resize": params.resize, "crop": params.crop, "val_fraction": params.val_fraction,
+                           "seed": params.seed}}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -93,14 +122,58 @@ def recipe_params(recipe: TrainConfig) -> dict[str, Any]:
     return params
 
 
-def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """torch.save to a temporary file renamed into place: a kill never leaves half a checkpoint."""
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> str:
+    """torch.save to a temporary file renamed into place, its sha256 and size recorded in
+    files.json first; returns the sha256.
+
+    The record keeps the previous file's digest too until the next write, so a kill between the
+    record and the rename leaves the old file, which still matches.
+    """
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = buffer.getvalue()
+    digest = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    records = _read_records(path.parent)
+    previous = records.get(path.name)
+    records[path.name] = {**digest, "previous": {k: previous[k] for k in digest} if previous else None}
+    write_json(path.parent / RECORDS_FILE, records)
+    write_bytes(path, data)
+    return digest["sha256"]
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def is_intact(path: Path) -> bool:
+    """True when `path` is a file the train stage wrote, unchanged: its size and sha256 are the
+    ones recorded in files.json at write time."""
+    record = _read_records(path.parent).get(path.name)
+    if record is None or not path.is_file():
+        return False
+    accepted = [entry for entry in (record, record.get("previous")) if entry]
+    size = path.stat().st_size
+    if all(entry["size"] != size for entry in accepted):
+        return False
+    sha = file_sha256(path)
+    return any(entry["sha256"] == sha and entry["size"] == size for entry in accepted)
+
+
+def _read_records(folder: Path) -> dict[str, Any]:
+    path = folder / RECORDS_FILE
+    if not path.is_file():
+        return {}
+    try:
+        records = read_json(path)
+    except json.JSONDecodeError:
+        log.warning("%s is damaged; the checkpoints it vouched for are not trusted", path)
+        return {}
+    return records if isinstance(records, dict) else {}
 
 
 def write_history(path: Path, history: list[dict[str, float]]) -> Path:
@@ -128,11 +201,19 @@ def load_trained_model(config: Config, model: str, device: str | torch.device = 
 
 
 def load_best(path: Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
-    """A best.pt (the model's or a replica's) as a model in eval mode on `device`, and its metadata."""
+    """A best.pt (the model's or a replica's) as a model in eval mode on `device`, and its metadata.
+
+    The file must be the one the train stage wrote (sha256 recorded in files.json); the model is
+    built without drawing random numbers, so loading it beside a training changes nothing there.
+    """
+    if not is_intact(path):
+        raise DamagedCheckpoint(
+            f"{path} is not the file the train stage wrote (damaged, cut short or replaced: its sha256 does "
+            f"not match {path.parent / RECORDS_FILE}). Run the train stage again "
+            f"(food101 stage train --model {path.parent.name}), which rebuilds it.")
     payload = load_checkpoint(path)
     state = payload.pop("state_dict")
-    net = build_model(payload["arch"], payload["num_classes"], pretrained=False)
-    net.load_state_dict(state)
+    net = model_from_state(payload["arch"], payload["num_classes"], state)
     return net.to(device).eval(), payload
 
 
@@ -172,11 +253,18 @@ class Training:
     artifact_path: str | None = None  # where a replica's files go among the run's artifacts
 
     def is_done(self) -> bool:
-        """True when this training already finished with the same configuration hash."""
-        if not (self.out / "train.json").is_file() or not (self.out / "best.pt").is_file():
+        """True when this training already finished with the same configuration hash and its
+        best.pt is intact (a damaged one is rebuilt by training again, from the checkpoint)."""
+        if not (self.out / "train.json").is_file():
             return False
         done = read_json(self.out / "train.json")
-        return done.get("status") == "ok" and done.get("config_hash") == self.config_hash
+        if done.get("status") != "ok" or done.get("config_hash") != self.config_hash:
+            return False
+        if not is_intact(self.out / "best.pt"):
+            log.warning("%s is missing or not the file the train stage wrote; training again from the "
+                        "checkpoint to rebuild it", self.out / "best.pt")
+            return False
+        return True
 
 
 def trainings(config: Config, model: str, data_key: str | None) -> list[Training]:
@@ -243,9 +331,11 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
 
     recipe, out, config_hash, prefix = training.recipe, training.out, training.config_hash, training.prefix
     log.info("%s: training with seed %d into %s", model, recipe.seed, out)
-    seed_everything(recipe.seed)
     num_classes = len(cache.classes)
-    net = build_model(model, num_classes, recipe.pretrained)
+    net = build_model(model, num_classes, recipe.pretrained, seed=recipe.seed)
+    # The checkpoint (weights and optimizer state) and best.pt, before the first epoch's writes.
+    state_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    require_free_space(out, 3 * state_bytes, f"{model}'s checkpoints")
     mean, std = normalization(model, recipe.pretrained)
     train_images, val_images = cache.images("train"), cache.images("val")
     eval_size = int(val_images.shape[1])
@@ -253,28 +343,27 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
     common = {"device": device, "mean": mean, "std": std, "seed": recipe.seed,
               "channels_last": recipe.channels_last, "gpu_resident": gpu_resident}
 
-    resume = None
-    if (out / "checkpoint.pt").is_file():
-        saved = load_checkpoint(out / "checkpoint.pt")
-        if saved.get("config_hash") == config_hash:
-            log.info("%s: resuming from the checkpoint of epoch %d (config hash %s)", model,
-                     saved["epoch"], config_hash)
-            resume = saved
-        else:
-            log.info("%s: the checkpoint at %s is for another configuration; starting fresh",
-                     model, out / "checkpoint.pt")
-    run.set_tags({f"{prefix}config_hash": config_hash, f"{prefix}device": str(device),
-                  f"{prefix}gpu_resident": gpu_resident,
-                  f"{prefix}resumed_from_epoch": resume["epoch"] if resume else 0})
     best_meta = {"arch": model, "num_classes": num_classes, "image_size": eval_size,
                  "train_image_size": recipe.image_size, "mean": list(mean), "std": list(std),
                  "classes": list(cache.classes), "display": list(cache.display)}
+    resume = _resumable(out, model, config_hash)
+    best_sha256 = None
+    if resume is not None and resume["best_epoch"] >= 1:
+        best_sha256 = _settled_best(out, resume, best_meta, model)
+        if best_sha256 is None:
+            resume = None
+    run.set_tags({f"{prefix}config_hash": config_hash, f"{prefix}device": str(device),
+                  f"{prefix}gpu_resident": gpu_resident,
+                  f"{prefix}resumed_from_epoch": resume["epoch"] if resume else 0})
 
     def on_epoch_end(end: EpochEnd) -> None:
-        save_checkpoint(out / "checkpoint.pt", {**end.checkpoint, "config_hash": config_hash})
+        nonlocal best_sha256
+        # best.pt first: the checkpoint then names a best.pt that is already on disk.
         if end.is_best:
-            save_checkpoint(out / "best.pt", {"state_dict": end.best_state, **best_meta,
-                                              "epoch": end.record["epoch"], "val_top1": end.record["val_top1"]})
+            best_sha256 = save_checkpoint(out / "best.pt", _best_payload(end.best_state, best_meta,
+                                                                         end.checkpoint))
+        save_checkpoint(out / "checkpoint.pt", {**end.checkpoint, "config_hash": config_hash,
+                                                "best_sha256": best_sha256})
         write_history(out / "history.csv", end.checkpoint["history"])
         run.log_metrics({f"{prefix}{k}": v for k, v in end.record.items() if k != "epoch"},
                         step=int(end.record["epoch"]))
@@ -311,6 +400,47 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
     run.log_artifact(out / "history.csv", training.artifact_path)
     run.log_artifact(out / "train.json", training.artifact_path)
     return summary
+
+
+def _best_payload(state: dict[str, torch.Tensor], meta: dict[str, Any], checkpoint: dict[str, Any]) -> dict:
+    best = checkpoint["history"][checkpoint["best_epoch"] - 1]
+    return {"state_dict": state, **meta, "epoch": checkpoint["best_epoch"], "val_top1": best["val_top1"]}
+
+
+def _resumable(out: Path, model: str, config_hash: str) -> dict[str, Any] | None:
+    """The checkpoint to resume from: intact and of this configuration; None to start fresh."""
+    path = out / "checkpoint.pt"
+    if not path.is_file():
+        return None
+    if not is_intact(path):
+        log.warning("%s: %s is not the file the train stage wrote (damaged or cut short); deleting it and "
+                    "training from the start", model, path)
+        path.unlink()
+        return None
+    saved = load_checkpoint(path)
+    if saved.get("config_hash") != config_hash:
+        log.info("%s: the checkpoint at %s is for another configuration; starting fresh", model, path)
+        return None
+    log.info("%s: resuming from the checkpoint of epoch %d (config hash %s)", model, saved["epoch"], config_hash)
+    return saved
+
+
+def _settled_best(out: Path, checkpoint: dict[str, Any], meta: dict[str, Any], model: str) -> str | None:
+    """Make best.pt hold the best weights `checkpoint` names, rebuilding it from the checkpoint's
+    copy when it does not (killed between the two writes, or damaged); returns its sha256, or None
+    when it cannot be rebuilt."""
+    path = out / "best.pt"
+    if is_intact(path) and file_sha256(path) == checkpoint.get("best_sha256"):
+        return checkpoint["best_sha256"]
+    state = checkpoint_best_state(checkpoint)
+    if state is None:
+        log.warning("%s: %s does not hold the best epoch %d and the checkpoint has no copy of it; training "
+                    "from the start", model, path, checkpoint["best_epoch"])
+        return None
+    sha256 = save_checkpoint(path, _best_payload(state, meta, checkpoint))
+    log.warning("%s: %s did not hold the best epoch %d that the checkpoint names (a run killed between the two "
+                "writes, or a damaged file); rebuilt it from the checkpoint", model, path, checkpoint["best_epoch"])
+    return sha256
 
 
 def log_model_to_mlflow(run: Any, config: Config, model: str) -> float:

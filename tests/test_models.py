@@ -8,13 +8,18 @@ import pytest
 import torch
 from torch import nn
 from torchvision.models import get_model
+from torchvision.ops import StochasticDepth, stochastic_depth
 
+from food101.errors import Food101Error
 from food101.models import (
     IMAGENET_MEAN,
     IMAGENET_STD,
+    GeneratorDropout,
+    GeneratorStochasticDepth,
     WeightsUnavailable,
     build_model,
     classifier_head,
+    draw_dropout_from,
     expected_weights_path,
     normalization,
     parameter_groups,
@@ -122,3 +127,45 @@ def test_weights_of_another_model_are_a_clear_error(torch_home: Path) -> None:
     torch.save(get_model("mobilenet_v3_small").state_dict(), path)
     with pytest.raises(WeightsUnavailable, match="does not match"):
         build_model(SMALL, 5, pretrained=True)
+
+
+# --- randomness in the forward pass ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_generator_dropout_is_nn_dropout_drawing_from_its_own_generator(inplace: bool) -> None:
+    """The same mask as torch's dropout given the same generator state, scaled by 1/(1-p)."""
+    x = torch.randn(64, 40)
+    torch.manual_seed(5)
+    expected = nn.Dropout(0.3)(x.clone())
+    layer = GeneratorDropout(0.3, inplace, torch.Generator().manual_seed(5))
+    before = torch.get_rng_state()
+    got = layer(x.clone())
+    assert torch.equal(got, expected) and torch.equal(torch.get_rng_state(), before)
+    kept = got != 0
+    assert torch.allclose(got[kept], x[kept] / 0.7)
+    assert torch.equal(layer.eval()(x), x)
+
+
+@pytest.mark.parametrize("mode", ["row", "batch"])
+def test_generator_stochastic_depth_is_torchvisions_drawing_from_its_own_generator(mode: str) -> None:
+    x = torch.randn(32, 8, 4, 4)
+    torch.manual_seed(9)
+    expected = stochastic_depth(x, 0.4, mode, training=True)
+    got = GeneratorStochasticDepth(0.4, mode, torch.Generator().manual_seed(9))(x)
+    assert torch.equal(got, expected)
+    dropped = (got.flatten(1) == 0).all(1)
+    assert 0 < int(dropped.sum()) < len(x) if mode == "row" else int(dropped.sum()) in (0, len(x))
+    assert torch.equal(GeneratorStochasticDepth(0.4, mode, torch.Generator()).eval()(x), x)
+
+
+def test_every_dropout_of_a_model_draws_from_the_training_generator() -> None:
+    model = build_model("efficientnet_b0", 5, pretrained=False)
+    generator = torch.Generator().manual_seed(0)
+    replaced = draw_dropout_from(model, generator)
+    modules = list(model.modules())
+    assert replaced == sum(isinstance(m, (GeneratorDropout, GeneratorStochasticDepth)) for m in modules) > 16
+    assert not any(type(m) is nn.Dropout or isinstance(m, StochasticDepth) for m in modules)
+    assert all(m.generator is generator for m in modules if isinstance(m, (GeneratorDropout, GeneratorStochasticDepth)))
+    with pytest.raises(Food101Error, match="Dropout2d"):
+        draw_dropout_from(nn.Sequential(nn.Dropout2d(0.1)), generator)
