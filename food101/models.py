@@ -77,9 +77,8 @@ class _PrivateGenerator(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
-        if kwargs.get("generator", 0) is None or (
-            getattr(func, "__name__", "") in SAMPLING_FUNCTIONS and "generator" not in kwargs
-        ):
+        asks_default = "generator" in kwargs and kwargs["generator"] is None  # nn.init passes None
+        if asks_default or ("generator" not in kwargs and getattr(func, "__name__", "") in SAMPLING_FUNCTIONS):
             kwargs["generator"] = self.generator
         return func(*args, **kwargs)
 
