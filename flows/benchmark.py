@@ -1,6 +1,8 @@
 """The benchmark DAG as one Prefect flow, `food101`.
 
     download -> validate -> preprocess -> train[m] -> evaluate[m] (per model, in parallel)
+                                                                  -> export[m] (per model)
+                                                                  -> robustness[m] (per model)
                                                                   -> confusion -> report
 
 Each stage is a task in tasks/ that reads its inputs from files and writes its outputs to files
@@ -31,6 +33,7 @@ from tasks.evaluate import evaluate, read_metrics
 from tasks.export import export
 from tasks.preprocess import preprocess
 from tasks.report import report
+from tasks.robustness import robustness
 from tasks.train import train
 from tasks.validate import validate
 
@@ -47,10 +50,11 @@ STAGES = {
     "train": train,
     "evaluate": evaluate,
     "export": export,
+    "robustness": robustness,
     "confusion": confusion,
     "report": report,
 }
-PER_MODEL_STAGES = ("train", "evaluate", "export")
+PER_MODEL_STAGES = ("train", "evaluate", "export", "robustness")
 
 
 class AllModelsFailed(RuntimeError):
@@ -105,11 +109,13 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         else:
             failures[model] = f"training failed: {_state_error(future.state)}"
     evaluated: dict[str, dict[str, Any]] = {}
-    exports: dict[str, Any] = {}  # export[model]: a failed export is marked in the report, the model stays
+    robust: dict[str, Any] = {}  # robustness[model] runs beside confusion; a failure leaves the model in
+    exports: dict[str, Any] = {}  # export[model] likewise: a failed export is marked in the report
     for model, future in evaluations.items():
         future.wait()
         if future.state.is_completed():
             evaluated[model] = future.result()
+            robust[model] = stage["robustness"].submit(config, model, parent_run_id)
             exports[model] = stage["export"].submit(config, model, parent_run_id)
         else:
             failures[model] = f"evaluation failed: {_state_error(future.state)}"
@@ -122,9 +128,10 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         raise AllModelsFailed(f"every model failed: {failures}")
     stage["confusion"](config, models, parent_run_id)
     comparison = compare_with_previous(config, parent_run_id, models)
+    robustness_failures = _wait_robustness(robust)
     export_failures = _wait_exports(exports)
     published = stage["report"](config, models, failures, parent_run_id)  # renders the comparison too
-    dvc = record_outputs(config) if not failures and not export_failures else None
+    dvc = record_outputs(config) if not failures and not robustness_failures and not export_failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
     # Last, so that a regression still leaves a complete report, registry and DVC record behind.
@@ -134,6 +141,7 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
         "parent_run_id": parent_run_id,
         "models": {m: evaluated[m] for m in models},
         "failures": failures,
+        "robustness_failures": robustness_failures,
         "export_failures": export_failures,
         "data": data,
         "report": published,
@@ -182,6 +190,17 @@ def _wait_exports(futures: dict[str, Any]) -> dict[str, str]:
         if not future.state.is_completed():
             failed[model] = f"export failed: {_state_error(future.state)}"
             log.error("model %s has no deployable export in this benchmark: %s", model, failed[model])
+    return failed
+
+
+def _wait_robustness(futures: dict[str, Any]) -> dict[str, str]:
+    """Wait for every robustness[model]; a failed one is logged and returned, the others stand."""
+    failed = {}
+    for model, future in futures.items():
+        future.wait()
+        if not future.state.is_completed():
+            failed[model] = f"robustness failed: {_state_error(future.state)}"
+            log.error("model %s has no robustness results in this benchmark: %s", model, failed[model])
     return failed
 
 

@@ -41,6 +41,7 @@ class Paths:
     eval: Path
     export: Path
     confusion: Path
+    robustness: Path
     reports: Path
     tracking_db: Path
     tracking_artifacts: Path
@@ -173,6 +174,28 @@ class ConfusionConfig:
     examples_per_pair: int
 
 
+# The corruptions the robustness stage knows (tasks/robustness.py implements each), and the
+# severities every one of them lists in robustness.levels, mildest first.
+CORRUPTIONS = (
+    "brightness_dark", "brightness_bright", "contrast", "gaussian_noise", "gaussian_blur", "motion_blur",
+    "jpeg", "low_resolution", "rotation", "occlusion", "off_centre_crop",
+)
+SEVERITIES = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class RobustnessConfig:
+    corruptions: list[str]  # the subset of CORRUPTIONS to run
+    severities: list[int]  # the subset of SEVERITIES to run
+    levels: dict[str, list[float]]  # per corruption, its strength at severities 1-5
+    baseline_model: str  # the denominator of the corruption error (mCE), as AlexNet is in ImageNet-C
+    within_points: float  # "most robust model within N clean top-1 points of the best"
+    batch_size: int
+    bootstrap_samples: int
+    most_hurt_classes: int
+    seed: int
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     title: str
@@ -220,6 +243,7 @@ class Config:
     evaluate: EvaluateConfig
     export: ExportConfig
     confusion: ConfusionConfig
+    robustness: RobustnessConfig
     report: ReportConfig
     orchestration: OrchestrationConfig
     schedule: ScheduleConfig
@@ -519,6 +543,11 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "confusion.top_pairs": _at_least(1),
     "confusion.group_threshold": _FRACTION_OPEN_BOTTOM,
     "confusion.examples_per_pair": _at_least(0),
+    "robustness.within_points": _at_least(0),
+    "robustness.batch_size": _at_least(1),
+    "robustness.bootstrap_samples": _at_least(1),
+    "robustness.most_hurt_classes": _at_least(1),
+    "robustness.seed": _at_least(0),
     "report.latency_budget_ms": _POSITIVE,
     "report.within_points": _at_least(0),
     "alerts.min_timing_effect": _FRACTION_OPEN,
@@ -567,6 +596,7 @@ def _check_ranges(config: Config) -> None:
     _check_schedule(config.schedule)
     _check_export(config.export)
     _check_model_names(config.models)
+    _check_robustness(config.robustness)
     # Overrides may name models that are not benchmarked this time (`--set models=[...]`), but
     # each must be a real model and a valid recipe: a typo is an error, not a silently unused key.
     _check_model_names(list(config.train.overrides), where="train.overrides")
@@ -603,6 +633,32 @@ def _check_schedule(schedule: ScheduleConfig) -> None:
     except (zoneinfo.ZoneInfoNotFoundError, ValueError) as exc:
         raise ConfigError(f"schedule.timezone {schedule.timezone!r} is not a known time zone "
                           "(for example UTC or Europe/Zurich)") from exc
+
+
+def _check_robustness(settings: RobustnessConfig) -> None:
+    """Known corruptions with one strength per severity, severities among SEVERITIES."""
+    if not settings.corruptions or not settings.severities:
+        raise ConfigError("robustness.corruptions and robustness.severities must each list at least one entry")
+    for where, names in (("robustness.corruptions", settings.corruptions), ("robustness.levels", settings.levels)):
+        for name in names:
+            if name not in CORRUPTIONS:
+                raise ConfigError(f"{where}: unknown corruption {name!r}{_suggest(name, CORRUPTIONS)} "
+                                  f"(known: {', '.join(CORRUPTIONS)})")
+    if len(set(settings.corruptions)) != len(settings.corruptions):
+        raise ConfigError("robustness.corruptions must not repeat a corruption")
+    for name in settings.corruptions:
+        levels = settings.levels.get(name)
+        if levels is None or len(levels) != len(SEVERITIES):
+            raise ConfigError(f"robustness.levels.{name} must list {len(SEVERITIES)} strengths, one per severity "
+                              f"{SEVERITIES[0]}-{SEVERITIES[-1]} (got {levels!r})")
+    for severity in settings.severities:
+        if severity not in SEVERITIES:
+            nearest = min(SEVERITIES, key=lambda s: abs(s - severity))
+            raise ConfigError(f"robustness.severities: {severity!r} is not a severity; robustness.levels lists "
+                              f"severities {SEVERITIES[0]}-{SEVERITIES[-1]}; did you mean {nearest}?")
+    if len(set(settings.severities)) != len(settings.severities):
+        raise ConfigError("robustness.severities must not repeat a severity")
+    _check_model_names([settings.baseline_model], where="robustness.baseline_model")
 
 
 def _check_export(settings: ExportConfig) -> None:

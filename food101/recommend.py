@@ -414,7 +414,7 @@ def deploy_heading(recs: Recommendations) -> str:
 
 
 def executive_summary_text(recs: Recommendations, metrics: dict[str, dict[str, Any]], n_classes: int | None,
-                           significance: list[dict[str, Any]] | None = None) -> str:
+                           significance: list[dict[str, Any]] | None = None, robust: str | None = None) -> str:
     """The executive summary's paragraph: what to deploy, why, and how it compares with the rest."""
     significance = significance or []
     chosen = recs.deploy.model
@@ -456,6 +456,13 @@ def executive_summary_text(recs: Recommendations, metrics: dict[str, dict[str, A
         spread = seed_spread_text(metrics, *ranked[:2])
         if spread:
             text += f" {spread}"
+    # `robust`: the robustness rule's choice (tasks/robustness.py); named only when it differs.
+    robust_mca = (metrics.get(robust) or {}).get("mean_corruption_accuracy")
+    chosen_mca = m.get("mean_corruption_accuracy")
+    if robust and robust != chosen and robust_mca is not None and chosen_mca is not None:
+        text += (f" On degraded photos (blur, noise, poor light, compression) {robust} holds up better: "
+                 f"{pct(robust_mca)} mean accuracy under corruptions against {pct(chosen_mca)}; see "
+                 "[Robustness](#robustness).")
     return text
 
 

@@ -59,6 +59,7 @@ from food101.recommend import (
     significance_text,
 )
 from food101.tracking import stage_run
+from tasks import robustness as robust
 from tasks.export import DEPLOYMENT_PLOT, deployment_rows, deployment_section, load_exports, plot_deployment
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ HEADLINE_KEYS = (
     "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
     "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
     "train_time_s", "train_images_per_s", "n_test",
+    "mean_corruption_accuracy", "mce",  # from the robustness stage (mCE against robustness.baseline_model)
 )
 # With train.seeds > 1: a summary-table column and these keys in summary.json (mean and sd of top-1).
 SEEDS_COLUMN = "top-1 over seeds (mean ± sd)"
@@ -138,6 +140,8 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
         metrics[model] = normalise_metrics(read_metrics(config, model))
         if (eval_dir(config, model) / PER_CLASS_FILE).is_file():
             per_class[model] = read_per_class(config, model)
+    for model, values in robust.headlines(config, list(metrics)).items():
+        metrics[model].update({key: value for key, value in values.items() if key != "ce"})
 
     confusion = read_confusion(config) if (paths.confusion / "summary.json").is_file() else {}
     manifest_file = paths.manifest / "manifest.parquet"
@@ -352,7 +356,7 @@ def build_report(
 
     table, records = _summary_table(inputs, recs)
     sections = [
-        _executive_summary(inputs, recs, n_classes, regressions),
+        _executive_summary(inputs, recs, n_classes, regressions, config.robustness.within_points),
         _recommendations_section(recs),
         Section("summary-table", "Summary table", [
             Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
@@ -365,6 +369,7 @@ def build_report(
         _learning_section(inputs, plots),
         _classes_section(inputs),
         _confusion_section(inputs, plots),
+        robust.section(config, metrics, plots),
         _history_section(inputs),
         _validation_section(inputs),
         _failures_section(inputs),
@@ -397,7 +402,7 @@ def build_report(
 
 
 def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | None,
-                       regressions: list[Any]) -> Section:
+                       regressions: list[Any], robust_within: float | None = None) -> Section:
     blocks: list[Any] = []
     if regressions:
         blocks.append(Callout(f"**Regression since the last benchmark** ({len(regressions)} finding"
@@ -410,7 +415,8 @@ def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | N
         blocks.append(Para("**No model finished evaluation, so there is no recommendation.** See "
                            "[Failures](#failures) for what went wrong."))
         return Section("executive-summary", "Executive summary", blocks)
-    text = executive_summary_text(recs, inputs.metrics, n_classes, inputs.significance)
+    robust_model = robust.most_robust_within(inputs.metrics, robust_within)[0] if robust_within is not None else None
+    text = executive_summary_text(recs, inputs.metrics, n_classes, inputs.significance, robust_model)
     n_test = inputs.metrics[chosen].get("n_test")
     worst = _worst_classes(inputs, chosen, 3)
     if worst:
@@ -805,6 +811,7 @@ def _make_plots(config: Config, inputs: Inputs, folder: Path) -> dict[str, Path]
         if source.is_file():
             plots[key] = folder / f"{key}.png"
             shutil.copyfile(source, plots[key])
+    plots.update(robust.section_plots(config, list(metrics), folder))
     return plots
 
 

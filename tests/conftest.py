@@ -11,12 +11,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
-GENERATED_PATHS = ("raw", "dataset", "manifest", "cache", "models", "eval", "export", "confusion", "reports",
-                   "tracking_db", "tracking_artifacts")
+GENERATED_PATHS = ("raw", "dataset", "manifest", "cache", "models", "eval", "export", "confusion", "robustness",
+                   "reports", "tracking_db", "tracking_artifacts")
 _DEFAULT_RELATIVE = {
     "raw": "data/raw", "dataset": "data/dataset.json", "manifest": "data/manifest",
     "cache": "data/cache", "models": "artifacts/models", "eval": "artifacts/eval",
     "export": "artifacts/export",
+    "robustness": "artifacts/robustness",
     "confusion": "artifacts/confusion", "reports": "reports", "tracking_db": "mlflow.db",
     "tracking_artifacts": "mlruns",
 }

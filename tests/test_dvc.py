@@ -62,6 +62,7 @@ def test_dvc_repro_runs_every_stage_of_the_pipeline(dvc_project):
         assert f"Running stage 'train@{model}'" in first.stdout
         assert f"Running stage 'evaluate@{model}'" in first.stdout
         assert f"Running stage 'export@{model}'" in first.stdout
+        assert f"Running stage 'robustness@{model}'" in first.stdout
         assert (root / "artifacts" / "eval" / model / "metrics.json").is_file()
     assert (root / "reports" / "report.html").is_file()
     assert (root / "dvc.lock").is_file()

@@ -1,0 +1,144 @@
+"""Robustness throughput: the stage's batched corruptions vs a per-photo PIL loop, same photos.
+
+Both apply every corruption of params.yaml's `robustness:` at one severity to the same real
+photos (data/sample decoded to `--size` px squares, replicated to `--images`), from the uint8
+array the cache holds to a uint8 array again. The stage's path is `tasks.robustness.corrupt` on
+batches of `--batch` photos on `--device`; the baseline opens each photo as a PIL image and uses
+PIL's own operations (ImageEnhance, GaussianBlur, a 5x5 kernel for motion blur, JPEG through
+BytesIO, resize, rotate, a drawn rectangle, crop) with numpy noise. No model runs: this measures
+the corruptions, not the classification (which is evaluate's forward pass, timed there).
+
+    .venv/bin/python benchmarks/robustness_throughput.py [--images 512] [--size 224] [--severity 3]
+
+The last line printed is one JSON object; `ratio` is batched images/s over the PIL loop's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from food101 import env  # noqa: E402
+
+env.configure(REPO)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image, ImageDraw, ImageEnhance, ImageFilter  # noqa: E402
+
+from food101.config import RobustnessConfig, load_config  # noqa: E402
+from tasks.robustness import Draws, condition_seed, corrupt, photo_uniforms  # noqa: E402
+
+
+def sample_photos(count: int, size: int) -> np.ndarray:
+    """(count, size, size, 3) uint8: the sample's photos, centre-cropped squares, replicated."""
+    photos = []
+    for path in sorted((REPO / "data" / "sample" / "images").glob("*/*.jpg")):
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+            scale = size / min(image.size)
+            image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))))
+            left, top = (image.width - size) // 2, (image.height - size) // 2
+            photos.append(np.asarray(image.crop((left, top, left + size, top + size))))
+    return np.stack([photos[i % len(photos)] for i in range(count)])
+
+
+def batched(images: np.ndarray, settings: RobustnessConfig, severity: int, batch: int, device: torch.device) -> float:
+    """Seconds for the stage's path over every corruption (uint8 array in, uint8 array out)."""
+    start = time.perf_counter()
+    for name in settings.corruptions:
+        uniforms = photo_uniforms(settings.seed, name, severity, len(images)).to(device)
+        generator = torch.Generator(device=device).manual_seed(condition_seed(settings.seed, name, severity))
+        for first in range(0, len(images), batch):
+            x = torch.from_numpy(images[first:first + batch]).to(device).permute(0, 3, 1, 2)
+            out = corrupt(x, name, severity, settings, Draws(generator, uniforms[first:first + batch]))
+            out.permute(0, 2, 3, 1).cpu().numpy()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def _pil_one(image: Image.Image, name: str, level: float, rng: np.random.Generator) -> Image.Image:
+    side = image.width
+    if name in ("brightness_dark", "brightness_bright"):
+        return ImageEnhance.Brightness(image).enhance(level)
+    if name == "contrast":
+        return ImageEnhance.Contrast(image).enhance(level)
+    if name == "gaussian_noise":
+        noisy = np.asarray(image, dtype=np.float32) + rng.normal(0, 255 * level, (side, side, 3))
+        return Image.fromarray(noisy.round().clip(0, 255).astype(np.uint8))
+    if name == "gaussian_blur":
+        return image.filter(ImageFilter.GaussianBlur(max(level * side, 0.3)))
+    if name == "motion_blur":  # PIL's largest kernel is 5x5: a shorter streak than the stage's
+        return image.filter(ImageFilter.Kernel((5, 5), [1 if r == 2 else 0 for r in range(5) for _ in range(5)], 5))
+    if name == "jpeg":
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=int(level))
+        buffer.seek(0)
+        return Image.open(buffer).convert("RGB")
+    if name == "low_resolution":
+        small = max(4, round(level * side))
+        return image.resize((small, small), Image.Resampling.BILINEAR).resize((side, side), Image.Resampling.BILINEAR)
+    if name == "rotation":
+        return image.rotate(level if rng.random() < 0.5 else -level, Image.Resampling.BILINEAR)
+    if name == "occlusion":
+        box = round(level * side)
+        top, left = rng.integers(0, side - box + 1, 2)
+        copy = image.copy()
+        ImageDraw.Draw(copy).rectangle((left, top, left + box - 1, top + box - 1), fill=(128, 128, 128))
+        return copy
+    if name == "off_centre_crop":
+        keep = round(level * side)
+        return image.crop((side - keep, side - keep, side, side)).resize((side, side), Image.Resampling.BILINEAR)
+    raise ValueError(f"no PIL version of {name}")
+
+
+def pil_loop(images: np.ndarray, settings: RobustnessConfig, severity: int) -> float:
+    """Seconds for the per-photo PIL loop over every corruption (uint8 array in, uint8 array out)."""
+    rng = np.random.default_rng(0)
+    out = np.empty_like(images)
+    start = time.perf_counter()
+    for name in settings.corruptions:
+        level = float(settings.levels[name][severity - 1])
+        for i, photo in enumerate(images):
+            out[i] = np.asarray(_pil_one(Image.fromarray(photo), name, level, rng))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--severity", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    settings = load_config(REPO / "params.yaml").robustness
+    device = torch.device(args.device)
+    images = sample_photos(args.images, args.size)
+    batched(images[: args.batch], settings, args.severity, args.batch, device)  # warm-up
+    pil_loop(images[:8], settings, args.severity)
+    fast = min(batched(images, settings, args.severity, args.batch, device) for _ in range(args.repeats))
+    slow = min(pil_loop(images, settings, args.severity) for _ in range(args.repeats))
+    work = len(images) * len(settings.corruptions)
+    print(json.dumps({
+        "benchmark": "robustness_throughput", "images": args.images, "size": args.size,
+        "corruptions": len(settings.corruptions), "severity": args.severity, "device": str(device),
+        "batched_ips": round(work / fast, 1), "pil_loop_ips": round(work / slow, 1), "ratio": round(slow / fast, 2),
+        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "torch": torch.__version__,
+    }))
+
+
+if __name__ == "__main__":
+    main()
