@@ -44,7 +44,7 @@ from torch import nn  # noqa: E402
 
 from food101.config import TrainConfig, load_config, parse_override  # noqa: E402
 from food101.devices import resolve_device  # noqa: E402
-from food101.engine import fit, make_trainer, seed_everything  # noqa: E402
+from food101.engine import fit, make_trainer  # noqa: E402
 from food101.feed import BatchFeed  # noqa: E402
 from food101.metrics import Interval, bootstrap_ci  # noqa: E402
 from food101.models import build_model, classifier_head, normalization, replace_head  # noqa: E402
@@ -202,7 +202,7 @@ def test_correct(model: nn.Module, batches: BatchFeed) -> np.ndarray:
 def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.device, label: str) -> FineTuneResult:
     """The train stage's path: seeded model, BatchFeed, make_trainer, fit; then the test split."""
     start = time.perf_counter()
-    seed_everything(recipe.seed)
+    torch.manual_seed(recipe.seed)  # Lite0's drop-connect draws from torch's generator
     model = net.build(len(cache.classes))
     common = {"device": device, "mean": net.mean, "std": net.std, "seed": recipe.seed,
               "channels_last": recipe.channels_last}
@@ -267,7 +267,7 @@ def main() -> None:
     parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
     parser.add_argument("--skip-probe", action="store_true", help="fine-tune only (the probe's fields are null)")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", stream=sys.stderr, force=True)
 
     bad = [text for text in args.set if not text.startswith("train.")]
     if bad:

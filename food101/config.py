@@ -101,6 +101,7 @@ class TrainConfig:
     warmup_epochs: float
     freeze_backbone_epochs: int
     backbone_lr_scale: float
+    frozen_batchnorm: bool
     min_scale: float
     early_stopping_patience: int
     seed: int
@@ -499,6 +500,7 @@ _TRAIN_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "warmup_epochs": _at_least(0),
     "freeze_backbone_epochs": _at_least(0),
     "min_scale": _FRACTION_OPEN_BOTTOM,
+    "backbone_lr_scale": _FRACTION_OPEN_BOTTOM,  # the backbone's LR / the head's
     "early_stopping_patience": _at_least(1),
     "seed": _at_least(0),
     "seeds": _at_least(1),

