@@ -58,6 +58,7 @@ from food101.recommend import (
     recommend,
     significance_text,
 )
+from food101.timing import noise_reasons
 from food101.tracking import stage_run
 from tasks import robustness as robust
 from tasks.export import DEPLOYMENT_PLOT, deployment_rows, deployment_section, load_exports, plot_deployment
@@ -138,6 +139,10 @@ def load_inputs(config: Config, models: list[str], failures: dict[str, str]) -> 
             failed[model] = f"not evaluated: {eval_dir(config, model) / METRICS_FILE} does not exist"
             continue
         metrics[model] = normalise_metrics(read_metrics(config, model))
+        # The recommendation says so when the latency it rests on was timed on a busy machine.
+        state = metrics[model].get("machine_state")
+        metrics[model]["timing_noisy"] = bool(state) and bool(noise_reasons(
+            state, config.alerts.max_load_per_core, config.alerts.max_other_cpu_share, "this"))
         if (eval_dir(config, model) / PER_CLASS_FILE).is_file():
             per_class[model] = read_per_class(config, model)
     for model, values in robust.headlines(config, list(metrics)).items():
