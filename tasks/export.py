@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE
 
 from food101 import metrics
 from food101.config import Config, ExportConfig
+from food101.devices import training_slots
 from food101.document import Figure, Para, Section, Table
 from food101.errors import Food101Error
 from food101.formatting import ci_cell, num, pct
@@ -42,6 +43,7 @@ from food101.onnx_inference import (
     with_preprocessing,
 )
 from food101.tracking import stage_run
+from tasks.evaluate import _timing_lock
 
 log = logging.getLogger(__name__)
 
@@ -237,10 +239,15 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
               ("onnxruntime", "int8"): int8_logits}
     files = {("pytorch", "fp32"): model_dir(config, model) / "best.pt", ("onnxruntime", "fp32"): fp32_path,
              ("onnxruntime", "int8"): int8_path}
+    # export[m] runs beside robustness[m] and later models' training and evaluation. The probes hold a
+    # training slot (the CPU's only one on a CPU machine) and evaluate's timing lock, in evaluate's
+    # order, so none of those computes or times while a runtime is timed; the slot is held only here.
+    with training_slots(config).acquire(f"export[{model}]"), _timing_lock:
+        timings = {key: probe_runtime(key[0], files[key], crop, settings) for key in VARIANTS}
     variants = []
     for runtime, precision in VARIANTS:
         key = (runtime, precision)
-        timing = probe_runtime(runtime, files[key], crop, settings)
+        timing = timings[key]
         variants.append({"runtime": runtime, "precision": precision, **accuracy(logits[key], labels, settings),
                          "latency_p50_ms": timing["latency_p50_ms"], "latency_p95_ms": timing["latency_p95_ms"],
                          "throughput_ips": timing["throughput_ips"], "peak_rss_mb": timing["peak_rss_mb"],

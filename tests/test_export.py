@@ -174,3 +174,25 @@ def test_a_significant_int8_drop_is_never_recommended_and_the_reason_says_so():
         assert choice.reason[0].isupper() and choice.reason.endswith(".") and choice.reason.count(". ") == 0
     one = recommend_targets(rows[2:3], settings)[0].reason
     assert "Of the 1 variant under" in one
+
+
+def test_timing_probes_hold_a_training_slot_and_evaluates_timing_lock(exported, monkeypatch):
+    """export[m] runs beside robustness[m] and later trainings, which hold a training slot while they
+    compute: its timing probes must hold one too (and evaluate's timing lock), or they time the others."""
+    from food101.devices import training_slots
+    from tasks.evaluate import _timing_lock
+
+    config, _ = exported
+    slots = training_slots(config)
+    held = []
+    original = ex.probe_runtime
+
+    def recording(*args, **kwargs):
+        held.append((not slots._free, _timing_lock.locked()))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ex, "probe_runtime", recording)
+    with single_torch_thread():
+        ex.export.fn(config, MODELS[0])
+    assert held == [(True, True)] * len(ex.VARIANTS)
+    assert slots._free and not _timing_lock.locked()  # released afterwards
