@@ -229,7 +229,7 @@ def classify(
     with torch.inference_mode():
         for start in range(0, n, settings.batch_size):
             stop = min(n, start + settings.batch_size)
-            pixels = torch.from_numpy(np.ascontiguousarray(photos.images[start:stop])).to(device)
+            pixels = torch.from_numpy(np.array(photos.images[start:stop])).to(device)  # a copy: the memmap is read-only
             x = corrupt(pixels.permute(0, 3, 1, 2), corruption, severity, settings,
                         Draws(generator, uniforms[start:stop])).float()
             if x.shape[-2:] != (image_size, image_size):
@@ -314,9 +314,12 @@ def corruption_errors(
     usable = base_total > 0  # a corruption the baseline never gets wrong has no CE
     ce = np.full(model_errors.shape[1], np.nan)
     ce[usable] = 100.0 * model_errors.sum(axis=0)[usable] / base_total[usable]
-    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=samples).astype(np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        resampled = 100.0 * (weights @ model_errors[:, usable]) / (weights @ baseline_errors[:, usable])
+    rng, chunks = np.random.default_rng(seed), []
+    for first in range(0, samples, 100):  # 100 resamples of 25,250 photos: 20 MB of weights at a time
+        weights = rng.multinomial(n, np.full(n, 1.0 / n), size=min(100, samples - first)).astype(np.float64)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            chunks.append(100.0 * (weights @ model_errors[:, usable]) / (weights @ baseline_errors[:, usable]))
+    resampled = np.concatenate(chunks)
     mce_samples = np.nanmean(np.where(np.isfinite(resampled), resampled, np.nan), axis=1)
     low, high = np.nanpercentile(mce_samples, [2.5, 97.5]) if usable.any() else (np.nan, np.nan)
     return ce, metrics.Interval(float(np.nanmean(ce)) if usable.any() else math.nan, float(low), float(high))
@@ -344,7 +347,7 @@ def plot_examples(photo: np.ndarray, settings: RobustnessConfig, title: str):
     names, severities = settings.corruptions, settings.severities
     fig = Figure(figsize=(1.3 * (len(severities) + 1), 1.35 * len(names) + 0.4), dpi=120, layout="constrained")
     axes = fig.subplots(len(names), len(severities) + 1, squeeze=False)
-    x = torch.from_numpy(np.ascontiguousarray(photo))[None].permute(0, 3, 1, 2)
+    x = torch.from_numpy(np.array(photo))[None].permute(0, 3, 1, 2)
     for row, name in enumerate(names):
         for col, severity in enumerate([0, *severities]):
             draws = Draws(torch.Generator().manual_seed(condition_seed(settings.seed, name, severity)),
