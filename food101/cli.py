@@ -203,10 +203,24 @@ def params_cmd(
         typer.echo(text, nl=False)
 
 
+RuntimeOpt = Annotated[
+    str,
+    typer.Option("--runtime", "-r", help="torch (default): the registered state dict in PyTorch, exactly as "
+                 "evaluated; onnx: the registered ONNX graph in ONNX Runtime, as serve-model runs it."),
+]
+PrecisionOpt = Annotated[
+    str | None,
+    typer.Option("--precision", help="With --runtime onnx: fp32 or int8 (default: the precision the champion's "
+                 "serving tags recommend, fp32 when they recommend PyTorch)."),
+]
+
+
 @app.command()
 def predict(
     photos: Annotated[list[Path], typer.Argument(help="JPEG photos of dishes.")],
     top: Annotated[int, typer.Option("--top", "-k", help="How many dishes to list per photo.")] = 5,
+    runtime: RuntimeOpt = "torch",
+    precision: PrecisionOpt = None,
     profile: ProfileOpt = None,
     params: ParamsOpt = None,
     verbose: VerboseOpt = False,
@@ -214,23 +228,78 @@ def predict(
     """Classify photos with the champion model a benchmark registered.
 
     Without --profile, the champion registered most recently (of any profile) answers, and the
-    output names its profile.
+    output names its profile. The default runtime is torch, the reference the report's accuracy
+    was measured with; --runtime onnx checks the artefact serve-model ships.
     """
     params_file = _setup(params, verbose)
     config = _load(params_file, profile, None)
+    if precision is not None and runtime != "onnx":
+        raise ConfigError(f"--precision {precision} applies to --runtime onnx only (PyTorch runs fp32); "
+                          "add --runtime onnx or drop --precision")
     from food101.registry import latest_champion_profile
     from food101.registry import predict as predict_photos
 
     chosen = profile or latest_champion_profile(config)
-    results = predict_photos(config, photos, top_k=top, profile=chosen)
+    results = predict_photos(config, photos, top_k=top, profile=chosen, runtime=runtime, precision=precision)
     how = "" if profile else ", the most recent champion; --profile NAME picks another"
     first = results[0]
     typer.echo(f"model {first['model']} (version {first['version']} of {first['registered_model']}, "
-               f"profile {chosen}{how})")
+               f"{first['runtime']}, profile {chosen}{how})")
     for photo, ranked in zip(photos, results, strict=True):
         typer.echo(f"{photo}:")
         for item in ranked["top"]:
             typer.echo(f"  {item['probability']:6.1%}  {item['dish']}")
+
+
+LOOPBACK_NAMES = ("localhost",)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host.lower() in LOOPBACK_NAMES
+
+
+@app.command("serve-model")
+def serve_model(
+    profile: ProfileOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (loopback unless --allow-remote).")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535, help="TCP port.")] = 8080,
+    precision: Annotated[str | None, typer.Option("--precision", help="fp32 or int8 (default: the precision the "
+                                                  "champion's serving tags recommend).")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", min=1, help="ONNX Runtime intra-op threads "
+                                                "(default: export.threads, what the report timed).")] = None,
+    allow_remote: Annotated[bool, typer.Option("--allow-remote", help="Listen on a non-loopback address: the "
+                                               "server has no authentication or TLS, so put a proxy in front.")]
+    = False,
+    params: ParamsOpt = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the champion's ONNX model over HTTP until Ctrl-C or SIGTERM.
+
+    POST /predict with a JPEG or PNG body (or multipart field `file`) returns the top-5 dishes as
+    JSON; GET /health names the model. Without --profile, the most recent champion (as predict).
+    The precision is the one the champion's serving tags recommend (fp32 when they recommend
+    PyTorch: the fp32 graph matches it within export.max_abs_logit_diff).
+    """
+    params_file = _setup(params, verbose)
+    config = _load(params_file, profile, None)
+    if not _is_loopback(host) and not allow_remote:
+        raise ConfigError(
+            f"serve-model would listen on {host}, reachable from other machines, and the server has no "
+            "authentication or TLS: use --host 127.0.0.1, or pass --allow-remote behind a proxy that adds them")
+    from food101.model_server import serve
+    from food101.registry import latest_champion_profile, load_champion_onnx
+
+    chosen = profile or latest_champion_profile(config)
+    served = load_champion_onnx(config, precision, profile=chosen, threads=threads or config.export.threads)
+    typer.echo(f"serving {served.name}, profile {chosen}, on http://{host}:{port} (POST /predict, GET /health)")
+    sys.stdout.flush()
+    serve(served, host, port)
 
 
 def _pairs(items: list[str] | None) -> list[tuple[str, object]]:

@@ -7,11 +7,16 @@ profile, because a demo run on 5 classes must never replace the champion of the 
 A version is data, never code: its artifact folder (under the benchmark's parent run,
 `registry/<model>/`) holds the weights as a state dict (`weights.pt`) and `food101-model.json`
 (architecture name, classes, normalisation, image size, preprocessing, the weights' sha256).
+When the model was exported, the same folder holds `onnx-fp32/` and `onnx-int8/` (MLflow's ONNX
+flavour: MLmodel, model.onnx, pinned requirements) and the export's `preprocess.json`, each file's
+sha256 a version tag too; the champion version's `serving_runtime`/`serving_precision` tags name
+what the report recommends serving it in (food101.deploy_targets.serving_variant).
 Loading reads the JSON, checks the sha256 against the one recorded as a version tag at
 registration, reads the weights with `torch.load(weights_only=True)` and builds the architecture
 by name. A version without this pipeline's tags (for example a pickled model someone registered
-through the MLflow client) is refused, never unpickled. Registration uses `MlflowClient` with
-explicit ids - no active run or global tracking URI, so it is safe from Prefect worker threads.
+through the MLflow client) is refused, never unpickled. ONNX files are protobuf graphs, read by ONNX Runtime,
+never unpickled, and checked against their recorded sha256 the same way. Registration uses
+`MlflowClient` with explicit ids - no active run or global tracking URI, so it is safe from Prefect worker threads.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import hashlib
 import json
 import logging
 import pickle
+import shutil
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -46,6 +52,12 @@ WEIGHTS_FILE = "weights.pt"
 META_FILE = "food101-model.json"
 FORMAT_TAG = "food101_format"
 SHA_TAG = "weights_sha256"
+ONNX_PRECISIONS = ("fp32", "int8")
+ONNX_MODEL_FILE = "model.onnx"  # the ONNX flavour's file inside onnx-<precision>/
+PREPROCESS_FILE = "preprocess.json"
+PREPROCESS_SHA_TAG = "preprocess_sha256"
+RUNTIME_TAG = "serving_runtime"
+PRECISION_TAG = "serving_precision"
 META_KEYS = ("arch", "num_classes", "image_size", "mean", "std", "classes", "display", "resize", "crop")
 
 
@@ -101,8 +113,27 @@ def register_models(config: Config, parent_run_id: str, models: list[str], recom
             log.warning("not registering %s: %s does not exist", model, missing[model])
             continue
         versions[model] = _register_one(config, client, name, parent_run_id, model)
+    serving = serving_choice(config, recommended, client.get_model_version(name, versions[recommended]).tags)
     return {"name": name, "parent_run_id": parent_run_id, "versions": versions, "recommended": recommended,
-            "champion": None, "previous": None, "skipped": missing, "uri": champion_uri(config)}
+            "champion": None, "previous": None, "skipped": missing, "uri": champion_uri(config), "serving": serving}
+
+
+def serving_choice(config: Config, model: str, version_tags: dict[str, str]) -> dict[str, str]:
+    """The runtime and precision the report's serve target picks for `model`, among those registered.
+
+    PyTorch fp32 when the model has no registered ONNX files (its export failed or did not run).
+    """
+    from food101.deploy_targets import serving_variant
+    from tasks.export import deployment_rows, load_exports
+
+    registered = [p for p in ONNX_PRECISIONS if onnx_sha_tag(p) in version_tags]
+    rows = [r for r in deployment_rows(load_exports(config, [model]))
+            if r["runtime"] == "pytorch" or r["precision"] in registered]
+    row = serving_variant(rows, config.export, model) if registered else None
+    if row is None:
+        return {"runtime": "pytorch", "precision": "fp32", "why": "no ONNX export registered"}
+    return {"runtime": row["runtime"], "precision": row["precision"],
+            "why": f"export.targets.{config.export.serve_target} rule over {model}'s variants"}
 
 
 def promote_champion(config: Config, registered: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +146,13 @@ def promote_champion(config: Config, registered: dict[str, Any]) -> dict[str, An
     version = registered["versions"][recommended]
     old_champion = _alias_version(client, name, CHAMPION)
     client.set_registered_model_alias(name, CHAMPION, version)
+    # An alias has no tags of its own: the version it points at carries the serving choice, and
+    # the registered model names it for the UI.
+    serving = registered.get("serving") or {"runtime": "pytorch", "precision": "fp32"}
+    client.set_model_version_tag(name, version, RUNTIME_TAG, serving["runtime"])
+    client.set_model_version_tag(name, version, PRECISION_TAG, serving["precision"])
+    client.set_registered_model_tag(name, "champion_serving",
+                                    f"version {version} ({recommended}) on {serving['runtime']} {serving['precision']}")
     previous = None
     if old_champion is not None and str(old_champion.version) != version:
         client.set_registered_model_alias(name, PREVIOUS, old_champion.version)
@@ -138,15 +176,61 @@ def _register_one(config: Config, client: MlflowClient, name: str, parent_run_id
         torch.save(checkpoint["state_dict"], local / WEIGHTS_FILE)
         sha256 = _sha256(local / WEIGHTS_FILE)
         write_json(local / META_FILE, {"format": FORMAT, **meta, SHA_TAG: sha256})
+        onnx_tags = _add_onnx(config, model, local, meta)
         client.log_artifacts(parent_run_id, str(local), f"{ARTIFACT_DIR}/{model}")
     source = f"{client.get_run(parent_run_id).info.artifact_uri}/{ARTIFACT_DIR}/{model}"
     tags = {"model": model, "arch": meta["arch"], "profile": config.profile, "val_top1": str(meta.get("val_top1")),
-            "epoch": str(meta.get("epoch")), FORMAT_TAG: FORMAT, SHA_TAG: sha256}
+            "epoch": str(meta.get("epoch")), FORMAT_TAG: FORMAT, SHA_TAG: sha256, **onnx_tags}
     version = client.create_model_version(
         name, source, run_id=parent_run_id, tags=tags,
         description=f"{model} ({meta['arch']}, {meta['num_classes']} classes) from benchmark {parent_run_id}",
     )
     return str(version.version)
+
+
+def onnx_sha_tag(precision: str) -> str:
+    return f"onnx_{precision}_sha256"
+
+
+def _add_onnx(config: Config, model: str, local: Path, meta: dict[str, Any]) -> dict[str, str]:
+    """Put the model's ONNX fp32 and int8 (MLflow's ONNX flavour) and preprocess.json into `local`;
+    their sha256 tags. Nothing when the export is missing, failed, or older than the checkpoint."""
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+
+    from tasks.export import EXPORT_FILE, ExportMissing, export_dir, exported_files
+
+    summary = export_dir(config, model) / EXPORT_FILE
+    if not summary.is_file():
+        return {}
+    try:
+        files = exported_files(config, model)
+    except ExportMissing as exc:
+        log.warning("registering %s without ONNX: %s", model, exc)
+        return {}
+    # An export from an earlier checkpoint would register a graph that is not this model.
+    if summary.stat().st_mtime < _best_path(config, model).stat().st_mtime:
+        log.warning("registering %s without ONNX: %s is older than its best.pt (run food101 stage export "
+                    "--model %s)", model, summary, model)
+        return {}
+    preprocess = json.loads(files["preprocess"].read_text())
+    if preprocess.get("classes") != meta["classes"]:
+        log.warning("registering %s without ONNX: its preprocess.json lists other classes", model)
+        return {}
+    requirements = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    tags = {}
+    for precision in ONNX_PRECISIONS:
+        target = local / f"onnx-{precision}"
+        # save_model + log_artifacts keeps to the explicit run id (as train's pytorch flavour does);
+        # one file, no external data, so one sha256 covers the graph and its weights.
+        mlflow.onnx.save_model(onnx.load(str(files[precision])), target, pip_requirements=requirements,
+                               save_as_external_data=False,
+                               metadata={"model": model, "precision": precision, "input": preprocess["input_layout"]})
+        tags[onnx_sha_tag(precision)] = _sha256(target / ONNX_MODEL_FILE)
+    shutil.copyfile(files["preprocess"], local / PREPROCESS_FILE)
+    tags[PREPROCESS_SHA_TAG] = _sha256(local / PREPROCESS_FILE)
+    return tags
 
 
 def load_checkpoint(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -214,13 +298,9 @@ def latest_champion_profile(config: Config) -> str:
     return max(champions)[1]
 
 
-def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = None) -> LoadedModel:
-    """The model behind `models:/<name>@<alias>`, on the CPU in eval mode, with its metadata.
-
-    Only a version this pipeline registered is loaded, and only as data (see the module's doc).
-    """
-    import torch
-
+def _champion_version(config: Config, alias: str, profile: str | None) -> tuple[str, Any, str, str, str]:
+    """(registered name, version, its download URI, what to call it in messages, what to do) of a
+    version this pipeline registered; the tags of anything else are refused before any download."""
     name = registered_model_name(config, profile)
     hint = f"run a benchmark first: food101 run --profile {profile or config.profile}"
     client = _registry_client(config, hint)
@@ -235,13 +315,32 @@ def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = N
             ) from exc
         raise _unavailable(config, exc) from exc
     what = f"version {version.version} of {name} (alias {alias})"
-    recorded = version.tags.get(SHA_TAG)
-    if version.tags.get(FORMAT_TAG) != FORMAT or not recorded:
+    if version.tags.get(FORMAT_TAG) != FORMAT or not version.tags.get(SHA_TAG):
         raise UntrustedModel(
             f"{what} was not registered by this pipeline (no {FORMAT_TAG}/{SHA_TAG} tags), so it is not "
             f"loaded: it may hold code. Point the alias at a version a benchmark registered "
             f"(MlflowClient().set_registered_model_alias) or {hint}"
         )
+    return name, version, source, what, hint
+
+
+def _verified(path: Path, recorded: str | None, what: str, hint: str) -> Path:
+    actual = _sha256(path)
+    if actual != recorded:
+        raise UntrustedModel(f"{what}: {path.name} has sha256 {actual}, but {recorded} was recorded at "
+                             f"registration; the files changed since: {hint}")
+    return path
+
+
+def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = None) -> LoadedModel:
+    """The model behind `models:/<name>@<alias>`, on the CPU in eval mode, with its metadata.
+
+    Only a version this pipeline registered is loaded, and only as data (see the module's doc).
+    """
+    import torch
+
+    name, version, source, what, hint = _champion_version(config, alias, profile)
+    recorded = version.tags.get(SHA_TAG)
     with tempfile.TemporaryDirectory(prefix="food101-champion-") as folder:
         meta_path, weights_path = (_download(f"{source}/{file}", Path(folder), config, what)
                                    for file in (META_FILE, WEIGHTS_FILE))
@@ -261,6 +360,40 @@ def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = N
         raise UntrustedModel(f"{what}: {WEIGHTS_FILE} holds a {type(state).__name__}, not a state dict")
     network = _build(meta["arch"], int(meta["num_classes"]), state, what)
     return LoadedModel(network=network, meta=meta, name=name, version=str(version.version))
+
+
+def champion_serving(config: Config, alias: str = CHAMPION, profile: str | None = None) -> dict[str, str]:
+    """{"runtime", "precision"} the report recommends for the champion (its version tags)."""
+    _, version, _, _, _ = _champion_version(config, alias, profile)
+    return {"runtime": version.tags.get(RUNTIME_TAG, "pytorch"), "precision": version.tags.get(PRECISION_TAG, "fp32")}
+
+
+def load_champion_onnx(config: Config, precision: str | None = None, alias: str = CHAMPION,
+                       profile: str | None = None, threads: int = 1) -> Any:
+    """The champion's registered ONNX model in an ONNX Runtime session (a model_server.ServedModel).
+
+    `precision` None: the one the champion's serving tags name, fp32 when they name PyTorch (the
+    fp32 graph matches PyTorch within export.max_abs_logit_diff). Both files are checked against
+    the sha256 recorded at registration before ONNX Runtime reads them.
+    """
+    from food101.model_server import ServedModel
+
+    name, version, source, what, hint = _champion_version(config, alias, profile)
+    precision = _onnx_precision(version.tags, precision)
+    if precision not in ONNX_PRECISIONS:
+        raise RegistryError(f"precision {precision!r} is not one of {', '.join(ONNX_PRECISIONS)}")
+    recorded = version.tags.get(onnx_sha_tag(precision))
+    if not recorded or not version.tags.get(PREPROCESS_SHA_TAG):
+        raise NoChampionError(
+            f"{what} ({version.tags.get('model')}) has no registered ONNX {precision} model (its export failed or "
+            f"did not run before registration); use --runtime torch, or re-run the benchmark: {hint}")
+    with tempfile.TemporaryDirectory(prefix="food101-champion-onnx-") as folder:
+        graph = _verified(_download(f"{source}/onnx-{precision}/{ONNX_MODEL_FILE}", Path(folder), config, what),
+                          recorded, what, hint)
+        preprocess = _verified(_download(f"{source}/{PREPROCESS_FILE}", Path(folder), config, what),
+                               version.tags[PREPROCESS_SHA_TAG], what, hint)
+        label = f"{version.tags.get('model')} (version {version.version} of {name}, onnxruntime {precision})"
+        return ServedModel.from_files(graph, preprocess, label, threads)
 
 
 def _download(uri: str, folder: Path, config: Config, what: str) -> Path:
@@ -332,21 +465,35 @@ def _check_photo(path: Path) -> None:
                          "pass a smaller photo")
 
 
+RUNTIMES = ("torch", "onnx")
+
+
 def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHAMPION,
-            profile: str | None = None) -> list[dict[str, Any]]:
+            profile: str | None = None, runtime: str = "torch", precision: str | None = None) -> list[dict[str, Any]]:
     """Top-k dishes for each photo from the champion of `profile` (default: the config's).
 
-    Returns one dict per photo: {"photo", "model", "version", "registered_model", "top": [{"class",
-    "dish", "probability"}, ...]} with probabilities in decreasing order. Photos are preprocessed
-    with the resize/crop recorded with the model, so any profile's config can predict with it.
+    Returns one dict per photo: {"photo", "model", "version", "registered_model", "runtime", "top":
+    [{"class", "dish", "probability"}, ...]} with probabilities in decreasing order. Photos are
+    preprocessed with the resize/crop recorded with the model, so any profile's config can predict
+    with it. `runtime` "torch" runs the registered state dict, "onnx" the registered ONNX graph in
+    ONNX Runtime (`precision` as load_champion_onnx picks it).
     """
-    import torch
-
     photos = [Path(p) for p in photos]
     if not photos:
         raise PhotoError("no photos given: pass one or more image files")
+    if runtime not in RUNTIMES:
+        raise RegistryError(f"runtime {runtime!r} is not one of {', '.join(RUNTIMES)}")
     for photo in photos:  # fail on a bad photo before spending time on the registry
         _check_photo(photo)
+    if runtime == "onnx":
+        return _predict_onnx(config, photos, top_k, alias, profile, precision)
+    return _predict_torch(config, photos, top_k, alias, profile)
+
+
+def _predict_torch(config: Config, photos: list[Path], top_k: int, alias: str,
+                   profile: str | None) -> list[dict[str, Any]]:
+    import torch
+
     loaded = load_champion(config, alias, profile)
     meta = loaded.meta
     batch = torch.stack([
@@ -364,11 +511,37 @@ def predict(config: Config, photos: list[Path], top_k: int = 5, alias: str = CHA
             "model": meta.get("model"),
             "version": loaded.version,
             "registered_model": loaded.name,
+            "runtime": "pytorch fp32",
             "top": [
                 {"class": meta["classes"][i], "dish": meta["display"][i], "probability": p}
                 for p, i in zip(values, indices, strict=True)
             ],
         })
+    return results
+
+
+def _onnx_precision(tags: dict[str, str], precision: str | None) -> str:
+    if precision is not None:
+        return precision
+    return tags.get(PRECISION_TAG, "fp32") if tags.get(RUNTIME_TAG) == "onnxruntime" else "fp32"
+
+
+def _predict_onnx(config: Config, photos: list[Path], top_k: int, alias: str, profile: str | None,
+                  precision: str | None) -> list[dict[str, Any]]:
+    from food101.model_server import BadPhoto
+
+    name, version, _, _, _ = _champion_version(config, alias, profile)
+    precision = _onnx_precision(version.tags, precision)
+    served = load_champion_onnx(config, precision, alias, profile)
+    results = []
+    for photo in photos:
+        try:
+            pixels = served.decode(photo.read_bytes())
+        except BadPhoto as exc:
+            raise PhotoError(f"cannot read photo {photo}: {exc}") from exc
+        results.append({"photo": str(photo), "model": version.tags.get("model"), "version": str(version.version),
+                        "registered_model": name, "runtime": f"onnxruntime {precision}",
+                        "top": served.predict(pixels, min(top_k, len(served.preprocess["classes"])))})
     return results
 
 

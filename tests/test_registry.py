@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchvision
@@ -331,3 +332,136 @@ def test_latest_champion_profile_is_the_one_registered_last(registered, tmp_path
         finish_run(run)
     assert registry.latest_champion_profile(config) == "quick"
     assert registry.latest_champion_profile(quick) == "quick"
+
+
+# --- ONNX beside the state dict (issue 13) ----------------------------------------------------------
+
+ONNX_MODEL = "shufflenet_v2_x0_5"  # BatchNorm-light enough that a few steps rank dishes decisively
+FAST_EXPORT = {"models": [ONNX_MODEL], "export__latency_warmup": 0, "export__latency_runs": 1,
+               "export__throughput_batch": 2, "export__throughput_runs": 1, "export__calibration_size": 4,
+               "export__min_top1_agreement": 0.9}
+
+
+@pytest.fixture(scope="module")
+def onnx_champion(tmp_path_factory):
+    """A tiny model in train's checkpoint format, its real export, registered and promoted by a benchmark."""
+    from tasks import export as ex
+    from tests.test_evaluate import build_sample_cache, write_trained_model
+
+    config = make_config(tmp_path_factory.mktemp("onnx-registry"), **FAST_EXPORT)
+    build_sample_cache(config)
+    with single_torch_thread():
+        write_trained_model(config, ONNX_MODEL)
+        train_briefly(config, ONNX_MODEL)
+        ex.export.fn(config, ONNX_MODEL)
+        run = start_benchmark_run(config)
+        promoted = registry.promote_champion(
+            config, registry.register_models(config, run.run_id, [ONNX_MODEL], ONNX_MODEL))
+        finish_run(run)
+    return config, promoted
+
+
+def train_briefly(config, model: str, steps: int = 30) -> None:
+    """A few SGD steps on the cache's real train photos, so the checkpoint ranks dishes decisively
+    (an untrained network gives five near-equal probabilities whose order is rounding noise)."""
+    from tasks.preprocess import open_cache
+    from tasks.train import model_dir, save_checkpoint
+
+    path = model_dir(config, model) / "best.pt"
+    payload = torch.load(path, weights_only=True)
+    network = torchvision.models.get_model(payload["arch"], weights=None, num_classes=payload["num_classes"])
+    network.load_state_dict(payload["state_dict"])
+    cache = open_cache(config)
+    images = torch.from_numpy(np.array(cache.images("train"))).permute(0, 3, 1, 2).float() / 255.0
+    mean, std = torch.tensor(payload["mean"])[:, None, None], torch.tensor(payload["std"])[:, None, None]
+    x, y = (images - mean) / std, torch.from_numpy(np.asarray(cache.labels("train"), dtype=np.int64))
+    optimiser = torch.optim.Adam(network.parameters(), lr=1e-3)
+    network.train()
+    for _ in range(steps):
+        optimiser.zero_grad()
+        torch.nn.functional.cross_entropy(network(x), y).backward()
+        optimiser.step()
+    save_checkpoint(path, {**payload, "state_dict": network.eval().state_dict()})
+
+
+def _registered_file(config, precision: str) -> Path:
+    return next(config.paths.tracking_artifacts.rglob(f"registry/{ONNX_MODEL}/onnx-{precision}/model.onnx"))
+
+
+def test_onnx_fp32_and_int8_are_registered_in_the_onnx_flavour_beside_the_weights(onnx_champion):
+    import yaml
+
+    from food101.onnx_inference import run_batches, session
+    from tasks import export as ex
+    from tasks.preprocess import open_cache
+
+    config, promoted = onnx_champion
+    client = client_for(config)
+    version = client.get_model_version(promoted["name"], promoted["versions"][ONNX_MODEL])
+    listed = {f.path.rsplit("/", 1)[-1] for f in client.list_artifacts(version.run_id, f"registry/{ONNX_MODEL}")}
+    assert listed == {registry.WEIGHTS_FILE, registry.META_FILE, registry.PREPROCESS_FILE, "onnx-fp32", "onnx-int8"}
+    images = open_cache(config).images("test")[:8]
+    for precision, exported in (("fp32", ex.ONNX_FILE), ("int8", ex.INT8_FILE)):
+        graph = _registered_file(config, precision)
+        mlmodel = yaml.safe_load((graph.parent / "MLmodel").read_text())
+        assert "onnx" in mlmodel["flavors"] and mlmodel["metadata"]["precision"] == precision
+        assert "onnxruntime==" in (graph.parent / "requirements.txt").read_text()
+        assert version.tags[registry.onnx_sha_tag(precision)] == registry._sha256(graph)
+        # the registered graph is the export's: the same logits on the same photos
+        expected = run_batches(session(ex.export_dir(config, ONNX_MODEL) / exported, 1), images, 8)
+        assert np.array_equal(run_batches(session(graph, 1), images, 8), expected)
+
+
+def test_the_champion_is_tagged_with_the_runtime_and_precision_the_report_recommends(onnx_champion):
+    from food101.deploy_targets import serving_variant
+    from tasks.export import deployment_rows, load_exports
+
+    config, promoted = onnx_champion
+    client = client_for(config)
+    champion = client.get_model_version_by_alias(promoted["name"], registry.CHAMPION)
+    row = serving_variant(deployment_rows(load_exports(config, [ONNX_MODEL])), config.export, ONNX_MODEL)
+    assert (champion.tags[registry.RUNTIME_TAG], champion.tags[registry.PRECISION_TAG]) == \
+        (row["runtime"], row["precision"])
+    assert registry.champion_serving(config) == {"runtime": row["runtime"], "precision": row["precision"]}
+    described = client.get_registered_model(promoted["name"]).tags["champion_serving"]
+    assert f"{row['runtime']} {row['precision']}" in described and ONNX_MODEL in described
+
+
+def test_a_champion_without_an_export_is_tagged_pytorch_and_has_no_onnx(registered):
+    config, _, second = registered
+    champion = client_for(config).get_model_version_by_alias(second["name"], registry.CHAMPION)
+    assert (champion.tags[registry.RUNTIME_TAG], champion.tags[registry.PRECISION_TAG]) == ("pytorch", "fp32")
+    with pytest.raises(registry.NoChampionError, match="no registered ONNX fp32 model.*--runtime torch"):
+        registry.load_champion_onnx(config)
+
+
+def test_an_onnx_file_changed_after_registration_is_refused(onnx_champion):
+    config, _ = onnx_champion
+    graph = _registered_file(config, "int8")
+    original = graph.read_bytes()
+    try:
+        graph.write_bytes(original[:-16] + bytes(16))
+        with pytest.raises(registry.UntrustedModel, match="sha256"):
+            registry.load_champion_onnx(config, "int8")
+        assert registry.load_champion_onnx(config, "fp32").session is not None  # the other file is intact
+    finally:
+        graph.write_bytes(original)
+
+
+def test_predict_runtime_onnx_names_five_dishes_and_agrees_with_torch(onnx_champion) -> None:
+    config, _ = onnx_champion
+    photo = next((SAMPLE / "images" / "bibimbap").glob("*.jpg"))
+    dishes = set((SAMPLE / "meta" / "labels.txt").read_text().splitlines())
+    ranked = {}
+    for runtime in ("onnx", "torch"):
+        precision = ["--precision", "fp32"] if runtime == "onnx" else []
+        done = subprocess.run([sys.executable, "-m", "food101", "predict", "--profile", "demo", "--runtime", runtime,
+                               *precision, str(photo)], cwd=REPO, env=_env_for(config), capture_output=True,
+                              text=True, check=False)
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert ("onnxruntime fp32" if runtime == "onnx" else "pytorch fp32") in done.stdout
+        ranked[runtime] = [line.split("%", 1)[1].strip() for line in done.stdout.splitlines() if "%" in line]
+        assert len(ranked[runtime]) == 5 and set(ranked[runtime]) <= dishes
+    assert ranked["onnx"][0] == ranked["torch"][0]
+    best = float(next(line for line in done.stdout.splitlines() if "%" in line).split("%")[0])
+    assert best > 25.0, done.stdout  # a decisive ranking, not five dishes tied at 20%
