@@ -136,10 +136,26 @@ def build_app(served: ServedModel, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
                              Route("/predict", predict, methods=["POST"])])
 
 
-def serve(served: ServedModel, host: str, port: int, max_body_bytes: int = MAX_BODY_BYTES) -> None:
-    """Run the server until Ctrl-C."""
+def serve(served: ServedModel, host: str, port: int, max_body_bytes: int = MAX_BODY_BYTES) -> int | None:
+    """Run the server until Ctrl-C or SIGTERM (from the main thread); returns the signal that stopped it.
+
+    uvicorn shuts down gracefully on those signals, then raises the signal again for the handler it
+    found: ours records it, so a stopped server is a clean exit rather than a death by signal.
+    """
+    import signal
+
     import uvicorn
 
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
     log.info("serving %s on http://%s:%d (POST /predict, GET /health)", served.name, host, port)
-    uvicorn.run(build_app(served, max_body_bytes), host=host, port=port, log_level="warning",
-                limit_concurrency=64, timeout_keep_alive=5)
+    try:
+        uvicorn.run(build_app(served, max_body_bytes), host=host, port=port, log_level="warning",
+                    limit_concurrency=64, timeout_keep_alive=5)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if received:
+        log.info("stopped on %s", signal.Signals(received[0]).name)
+    return received[0] if received else None

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -12,12 +16,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from food101 import registry
 from food101.model_server import ServedModel, build_app
 from food101.onnx_inference import run_batches
 from tasks import export as ex
 from tasks.preprocess import open_cache
-from tests.conftest import SAMPLE, make_config, sample_classes, single_torch_thread
+from tests.conftest import REPO, SAMPLE, make_config, sample_classes, single_torch_thread
 from tests.test_evaluate import build_sample_cache, write_trained_model
+from tests.test_registry import onnx_champion  # noqa: F401 - a fixture
 
 MODEL = "mobilenet_v3_small"
 LIMIT = 2 * 2**20
@@ -100,3 +106,53 @@ def test_a_big_multipart_upload_is_refused(server):
     _, _, url = server
     answer = httpx.post(f"{url}/predict", files={"file": ("big.jpg", np.zeros(3 * 2**20, np.uint8).tobytes())})
     assert answer.status_code == 413
+
+
+# --- `food101 serve-model` through the CLI, on the registered champion ----------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_serve_model_cli_serves_the_champion_and_stops_on_sigterm(onnx_champion):  # noqa: F811
+    config, promoted = onnx_champion
+    port = _free_port()
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{config.paths.tracking_db}"}
+    process = subprocess.Popen([sys.executable, "-m", "food101", "serve-model", "--profile", "demo", "--port",
+                                str(port)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        health = None
+        deadline = time.monotonic() + 120
+        while health is None and time.monotonic() < deadline and process.poll() is None:
+            try:
+                health = httpx.get(f"{url}/health", timeout=2).json()
+            except httpx.TransportError:
+                time.sleep(0.2)
+        assert health is not None, process.communicate(timeout=10)
+        serving = registry.champion_serving(config)
+        precision = serving["precision"] if serving["runtime"] == "onnxruntime" else "fp32"
+        assert health["status"] == "ok" and f"onnxruntime {precision}" in health["model"]
+        assert f"version {promoted['champion']['version']}" in health["model"]
+        answer = httpx.post(f"{url}/predict", content=_photo(0).read_bytes(), timeout=30)
+        assert answer.status_code == 200
+        assert {t["dish"] for t in answer.json()["top"]} == set(sample_classes()["display"])
+    finally:
+        process.send_signal(signal.SIGTERM)
+        out, err = process.communicate(timeout=30)
+    assert process.returncode == 0, err[-3000:]  # a graceful stop, not a death by signal
+    assert f"http://127.0.0.1:{port}" in out and "stopped on SIGTERM" in err
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10"])
+def test_serve_model_refuses_a_non_loopback_host_without_allow_remote(host, tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    done = subprocess.run([sys.executable, "-m", "food101", "serve-model", "--host", host], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and host in errors[0] and "--allow-remote" in errors[0] and "authentication" in errors[0]
