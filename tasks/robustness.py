@@ -36,7 +36,7 @@ from torch import nn
 from tqdm import tqdm
 
 from food101 import metrics
-from food101.config import CORRUPTIONS, Config, RobustnessConfig
+from food101.config import CORRUPTIONS, SEVERITIES, Config, RobustnessConfig
 from food101.devices import training_slots
 from food101.errors import Food101Error
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
@@ -341,10 +341,12 @@ def robustness_dir(config: Config, model: str) -> Path:
 
 
 def plot_examples(photo: np.ndarray, settings: RobustnessConfig, title: str):
-    """One test photo under every corruption (rows) at every severity (columns), clean first."""
+    """One test photo under every corruption (rows) at every severity (columns), clean first: all
+    of them, whatever subset the benchmark ran, so the grid says what each severity means."""
     from matplotlib.figure import Figure  # no pyplot: safe in worker threads
 
-    names, severities = settings.corruptions, settings.severities
+    names = [c for c in CORRUPTIONS if len(settings.levels.get(c, ())) == len(SEVERITIES)]
+    severities = list(SEVERITIES)
     fig = Figure(figsize=(1.3 * (len(severities) + 1), 1.35 * len(names) + 0.4), dpi=120, layout="constrained")
     axes = fig.subplots(len(names), len(severities) + 1, squeeze=False)
     x = torch.from_numpy(np.array(photo))[None].permute(0, 3, 1, 2)
