@@ -126,10 +126,10 @@ def build_app(served: ServedModel, max_body_bytes: int = MAX_BODY_BYTES) -> Any:
         if data is None:
             return error(413, limit)
         try:
-            pixels = await run_in_threadpool(served.decode, data)
+            # one hop to the thread pool per request: each hop costs a context switch
+            top = await run_in_threadpool(lambda: served.predict(served.decode(data)))
         except BadPhoto as exc:
             return error(exc.status, str(exc))
-        top = await run_in_threadpool(served.predict, pixels)
         return JSONResponse({"model": served.name, "top": top})
 
     return Starlette(routes=[Route("/health", health, methods=["GET"]),
