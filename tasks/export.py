@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,9 @@ class ExportMissing(Food101Error):
     """A model's export outputs are not there (export has not run for it)."""
 
 
+_EXPORT_LOCK = threading.Lock()
+
+
 # --- pure parts -----------------------------------------------------------------------------------
 
 
@@ -74,10 +78,11 @@ def export_onnx(module: Any, crop: int, path: Path, opset: int) -> int:
 
     example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
     try:
-        program = torch.onnx.export(
-            module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
-        )
+        with _EXPORT_LOCK:  # torch.export is not thread-safe: two at once fail with KeyError('custom')
+            program = torch.onnx.export(
+                module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
+                output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+            )
         program.save(str(path), external_data=False)
         onnx.checker.check_model(str(path))
     except Exception as exc:  # noqa: BLE001 - any exporter failure becomes this model's one-line error
