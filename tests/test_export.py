@@ -196,3 +196,30 @@ def test_timing_probes_hold_a_training_slot_and_evaluates_timing_lock(exported, 
         ex.export.fn(config, MODELS[0])
     assert held == [(True, True)] * len(ex.VARIANTS)
     assert slots._free and not _timing_lock.locked()  # released afterwards
+
+
+def test_two_exports_on_two_threads_both_succeed(tmp_path):
+    """The flow exports models on parallel threads; torch.export alone fails there (KeyError 'custom')."""
+    import threading
+
+    from food101.models import build_model
+    from food101.onnx_inference import with_preprocessing
+
+    modules = [with_preprocessing(build_model(name, 5, pretrained=False).eval(), [0.5] * 3, [0.5] * 3, 32, 32)
+               for name in ("mobilenet_v3_large", "efficientnet_b0")]
+    errors: list[BaseException] = []
+
+    def export(i: int) -> None:
+        try:
+            ex.export_onnx(modules[i], 32, tmp_path / f"m{i}.onnx", opset=20)
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=export, args=(i,)) for i in range(2)]
+    with single_torch_thread():
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=600)
+    assert errors == []
+    assert all(onnx.load(str(tmp_path / f"m{i}.onnx")) for i in range(2))
