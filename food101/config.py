@@ -49,7 +49,7 @@ class Paths:
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: Literal["food101", "local", "sample"]
+    source: Literal["food101", "local", "sample", "imagefolder"]
     url: str
     md5: str
     local_path: str | None
@@ -58,6 +58,10 @@ class DataConfig:
     test_per_class: int | None
     download_retries: int
     min_free_gb: float
+    # source=imagefolder with one folder per class and no train/test folders: the seeded,
+    # stratified share of each class held out as the test split.
+    test_fraction: float = 0.25
+    split_seed: int = 0
 
     @property
     def is_subset(self) -> bool:
@@ -197,6 +201,18 @@ class RobustnessConfig:
     seed: int
 
 
+ENSEMBLE_METHODS = ("mean", "weighted")
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """Models of this run combined by their probabilities (food101/ensembles.py): no training."""
+
+    name: str
+    members: list[str]
+    method: str = "mean"  # one of ENSEMBLE_METHODS; weighted: weights fit on the validation split
+
+
 @dataclass(frozen=True)
 class ReportConfig:
     title: str
@@ -250,6 +266,7 @@ class Config:
     schedule: ScheduleConfig
     tracking: TrackingConfig
     alerts: AlertsConfig
+    ensembles: list[EnsembleConfig] = field(default_factory=list)
     # Where params.yaml lives; relative paths were resolved against it.
     project_dir: Path = Path(".")
     # The merged parameters as plain data (what MLflow logs and what `food101 params` writes).
@@ -512,6 +529,8 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "data.test_per_class": _at_least(1),
     "data.download_retries": _at_least(0),
     "data.min_free_gb": _at_least(0),
+    "data.test_fraction": _FRACTION_OPEN,
+    "data.split_seed": _at_least(0),
     "validate.official_train_per_class": _at_least(1),
     "validate.official_test_per_class": _at_least(1),
     "validate.min_side": _at_least(1),
@@ -572,6 +591,8 @@ def _check_ranges(config: Config) -> None:
         (len(set(config.models)) == len(config.models), "models must not repeat a name"),
         (data.source != "local" or bool(data.local_path),
          "data.source=local needs data.local_path (an extracted Food-101 folder or the .tar.gz)"),
+        (data.source != "imagefolder" or bool(data.local_path),
+         "data.source=imagefolder needs data.local_path (a folder of <class>/ folders, or of train/ and test/)"),
         # Verification of the official archive cannot be switched off by an empty checksum.
         (data.source != "food101" or bool(_MD5.fullmatch(data.md5)),
          f"data.md5 must be the archive's 32-character MD5 (got {data.md5!r}); the official one is "
@@ -599,6 +620,7 @@ def _check_ranges(config: Config) -> None:
     _check_export(config.export)
     _check_model_names(config.models)
     _check_robustness(config.robustness)
+    _check_ensembles(config.ensembles, config.models)
     # Overrides may name models that are not benchmarked this time (`--set models=[...]`), but
     # each must be a real model and a valid recipe: a typo is an error, not a silently unused key.
     _check_model_names(list(config.train.overrides), where="train.overrides")
@@ -661,6 +683,29 @@ def _check_robustness(settings: RobustnessConfig) -> None:
     if len(set(settings.severities)) != len(settings.severities):
         raise ConfigError("robustness.severities must not repeat a severity")
     _check_model_names([settings.baseline_model], where="robustness.baseline_model")
+
+
+def _check_ensembles(ensembles: list[EnsembleConfig], models: list[str]) -> None:
+    """Unique names that are not model names, members among this run's models, two at least."""
+    seen: set[str] = set()
+    for ensemble in ensembles:
+        where = f"ensembles: {ensemble.name!r}"
+        if not ensemble.name.strip() or "/" in ensemble.name:
+            raise ConfigError(f"ensembles: name {ensemble.name!r} must be a non-empty name without '/'")
+        if ensemble.name in models:
+            raise ConfigError(f"{where} is also a model name; give the ensemble a name of its own")
+        if ensemble.name in seen:
+            raise ConfigError(f"{where} appears twice; ensemble names must be unique")
+        seen.add(ensemble.name)
+        if ensemble.method not in ENSEMBLE_METHODS:
+            raise ConfigError(f"{where}: method {ensemble.method!r} is not one of {', '.join(ENSEMBLE_METHODS)}"
+                              f"{_suggest(ensemble.method, ENSEMBLE_METHODS)}")
+        for member in ensemble.members:
+            if member not in models:
+                raise ConfigError(f"{where}: member {member!r} is not in models ({', '.join(models)})"
+                                  f"{_suggest(member, models)}")
+        if len(set(ensemble.members)) != len(ensemble.members) or len(ensemble.members) < 2:
+            raise ConfigError(f"{where} needs at least two different members (got {ensemble.members})")
 
 
 def _check_export(settings: ExportConfig) -> None:
