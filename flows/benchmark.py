@@ -3,7 +3,7 @@
     download -> validate -> preprocess -> train[m] -> evaluate[m] (per model, in parallel)
                                                                   -> export[m] (per model)
                                                                   -> robustness[m] (per model)
-                                                                  -> confusion -> report
+                                                                  -> ensemble -> confusion -> report
 
 Each stage is a task in tasks/ that reads its inputs from files and writes its outputs to files
 (the same functions `dvc repro` runs through `food101 stage`). The flow adds what only an
@@ -29,6 +29,7 @@ from food101.tracking import Run, client_for, finish_run, start_benchmark_run, s
 from food101.versioning import record_outputs
 from tasks.confusion import confusion
 from tasks.download import download
+from tasks.ensemble import ensemble
 from tasks.evaluate import evaluate, read_metrics
 from tasks.export import export
 from tasks.preprocess import preprocess
@@ -51,6 +52,7 @@ STAGES = {
     "evaluate": evaluate,
     "export": export,
     "robustness": robustness,
+    "ensemble": ensemble,  # from the members' saved probabilities: no training
     "confusion": confusion,
     "report": report,
 }
@@ -126,20 +128,25 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     if not models:
         stage["report"](config, [], failures, parent_run_id)
         raise AllModelsFailed(f"every model failed: {failures}")
-    stage["confusion"](config, models, parent_run_id)
-    comparison = compare_with_previous(config, parent_run_id, models)
+    ensembles = stage["ensemble"](config, models, parent_run_id)
+    failures.update({name: reason for name, reason in ensembles["skipped"].items()})
+    compared = models + list(ensembles["ensembles"])  # ensembles appear wherever a model does
+    stage["confusion"](config, compared, parent_run_id)
+    comparison = compare_with_previous(config, parent_run_id, compared)
     robustness_failures = _wait_robustness(robust)
     export_failures = _wait_exports(exports)
-    published = stage["report"](config, models, failures, parent_run_id)  # renders the comparison too
+    published = stage["report"](config, compared, failures, parent_run_id)  # renders the comparison too
     dvc = record_outputs(config) if not failures and not robustness_failures and not export_failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
     # Last, so that a regression still leaves a complete report, registry and DVC record behind.
-    registered = register_and_gate(config, parent_run_id, models, published["recommended"], comparison)
+    registered = register_and_gate(config, parent_run_id, models,
+                                   _registrable(config, published["recommended"], evaluated), comparison)
     return {
         "profile": config.profile,
         "parent_run_id": parent_run_id,
         "models": {m: evaluated[m] for m in models},
+        "ensembles": ensembles["ensembles"],
         "failures": failures,
         "robustness_failures": robustness_failures,
         "export_failures": export_failures,
@@ -158,6 +165,18 @@ def register_and_gate(
     registered = registry.register_models(config, parent_run_id, models, recommended)
     history.raise_if_regressed(config, comparison)
     return registry.promote_champion(config, registered)
+
+
+def _registrable(config: Config, recommended: str, evaluated: dict[str, dict[str, Any]]) -> str:
+    """The registry holds single models: a recommended ensemble hands the champion to its most
+    accurate member (registering an ensemble as a pyfunc of its members is not built yet)."""
+    spec = next((e for e in config.ensembles if e.name == recommended), None)
+    if spec is None:
+        return recommended
+    member = max(spec.members, key=lambda m: evaluated[m]["top1"])
+    log.warning("ensemble %s is recommended; the registry's champion is its most accurate member %s",
+                recommended, member)
+    return member
 
 
 def compare_with_previous(config: Config, parent_run_id: str, models: list[str]) -> dict[str, Any]:

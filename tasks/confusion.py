@@ -284,7 +284,7 @@ def _write_outputs(
 @task(name="confusion", cache_policy=NONE)
 def confusion(config: Config, models: list[str] | None = None, parent_run_id: str | None = None) -> dict:
     """Confusion matrices, confused pairs, food groups, example photos and model-vs-model tests."""
-    models = list(models if models is not None else config.models)
+    models = list(models if models is not None else [*config.models, *(e.name for e in config.ensembles)])
     if not models:
         raise ConfusionInputError("confusion needs at least one evaluated model")
     settings = config.confusion

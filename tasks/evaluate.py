@@ -60,6 +60,10 @@ METRICS_FILE = "metrics.json"
 PER_CLASS_FILE = "per_class.csv"
 COUNTS_FILE = "confusion_counts.npy"
 PREDICTIONS_FILE = "predictions.parquet"
+# Full softmax outputs, float32, rows in cache order: ensembles are scored from these without
+# running their members again (test), and their weights are fit on the validation ones.
+PROBS_FILE = "probs.npy"  # (n_test, classes)
+VAL_PROBS_FILE = "val_probs.npy"  # (n_val, classes); the labels are the cache's val labels
 RELIABILITY_FILE = "reliability.png"
 SEEDS_FILE = "seeds.json"  # only with train.seeds > 1: top-1, top-5, macro-F1 of every seed's training
 TIMING_FILE = "timing_samples.parquet"  # every timed forward: metric, device, sample_index, value
@@ -331,13 +335,16 @@ def eval_dir(config: Config, model: str) -> Path:
 def write_evaluation(
     folder: Path, values: dict[str, Any], scores: Scores, paths: list[str], labels: np.ndarray,
     classes: list[str], display: list[str], title: str, per_seed: list[dict[str, Any]] | None = None,
-    timing: list[dict[str, Any]] | None = None,
+    timing: list[dict[str, Any]] | None = None, arrays: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write the evaluation files into `folder`, replaced as a whole (never half old, half new);
-    seeds.json only when more than one seed was trained, timing_samples.parquet when given."""
+    seeds.json only when more than one seed was trained, timing_samples.parquet when given, and
+    `arrays` (file name -> array: the probabilities) beside them."""
     staged = staging_dir(folder)
     try:
         write_json(staged / METRICS_FILE, values)
+        for name, array in (arrays or {}).items():
+            write_npy(staged / name, array)
         if per_seed is not None and len(per_seed) > 1:
             write_json(staged / SEEDS_FILE, per_seed)
         write_text(staged / PER_CLASS_FILE, per_class_frame(scores.per_class, classes, display).to_csv(index=False))
@@ -385,6 +392,11 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
             feed = BatchFeed(images, cache_labels, batch_size=settings.batch_size, device=device, train=False,
                              image_size=image_size, mean=tuple(meta["mean"]), std=tuple(meta["std"]))
             probs, labels = predict(network, feed, device, total=len(cache_labels))
+            val_labels = np.asarray(cache.labels("val"))
+            val_probs = predict(network, BatchFeed(cache.images("val"), val_labels, batch_size=settings.batch_size,
+                                                   device=device, train=False, image_size=image_size,
+                                                   mean=tuple(meta["mean"]), std=tuple(meta["std"])),
+                                device, total=len(val_labels))[0] if len(val_labels) else np.zeros((0, len(classes)))
             # The other seeds' trainings: test predictions only (the same architecture: no timing).
             replica_probs = {seed: predict(_load_replica(model, best_path, device, classes), feed, device,
                                            total=len(cache_labels))[0]
@@ -411,7 +423,9 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
         }
         values = {key: values[key] for key in METRIC_KEYS}
         final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
-                                 f"{model}: reliability on {len(labels)} test photos", per_seed, timing)
+                                 f"{model}: reliability on {len(labels)} test photos", per_seed, timing,
+                                 arrays={PROBS_FILE: probs.astype(np.float32),
+                                         VAL_PROBS_FILE: val_probs.astype(np.float32)})
 
         run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
                       "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
@@ -487,6 +501,11 @@ def read_confusion_counts(config: Config, model: str) -> np.ndarray:
 
 def read_predictions(config: Config, model: str) -> pd.DataFrame:
     return pd.read_parquet(_existing(config, model, PREDICTIONS_FILE))
+
+
+def read_probs(config: Config, model: str, split: str = "test") -> np.ndarray:
+    """The saved softmax probabilities of `split` (test or val), rows in cache order."""
+    return np.load(_existing(config, model, PROBS_FILE if split == "test" else VAL_PROBS_FILE))
 
 
 def read_timing_samples(config: Config, model: str) -> pd.DataFrame:

@@ -367,6 +367,7 @@ def build_report(
             Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
                  f"{DASH} means not measured (no GPU, or the stage did not record it)."),
             table,
+            *_ensemble_note(config, metrics),
             Bullets(GLOSSARY + ([SEEDS_GLOSSARY] if has_seed_runs(metrics) else []) + _top5_note(n_classes)),
         ]),
         _tradeoffs_section(inputs, plots),
@@ -404,6 +405,18 @@ def build_report(
         "regressions": len(regressions),
     }
     return Report(config.report.title, subtitle, sections, summary, records)
+
+
+def _ensemble_note(config: Config, metrics: dict[str, dict[str, Any]]) -> list[Any]:
+    """Under the summary table: what each ensemble combines and why its latency is a sum."""
+    shown = [e for e in config.ensembles if e.name in metrics]
+    if not shown:
+        return []
+    parts = [f"`{e.name}` = {e.method} of {' + '.join(e.members)}" for e in shown]
+    return [Para("Ensembles: " + "; ".join(parts) + ". An ensemble runs every member on each photo, one "
+                 "after the other: its latency is the sum of its members' batch-1 latencies, and its size, "
+                 "parameters and training time are their sums. Weighted ensembles fit their weights on the "
+                 "validation split, never on test.")]
 
 
 def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | None,
@@ -885,7 +898,7 @@ def report(
     parent_run_id: str | None = None,
 ) -> dict:
     """Write the benchmark report (Markdown, self-contained HTML, summary.json, plots) and publish it."""
-    models = list(models or config.models)
+    models = list(models or [*config.models, *(e.name for e in config.ensembles)])
     params = {"report": config.raw.get("report", {}), "models": models}
     with stage_run(config, "report", parent_run_id, params=params) as run:
         written = write_report_files(config, models, failures or {})

@@ -1,0 +1,131 @@
+"""Ensembles: scored from two tiny evaluated models' saved probabilities, no retraining."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from food101 import ensembles
+from food101.config import ConfigError
+from food101.io import write_npy
+from tasks import evaluate as ev
+from tasks.confusion import confusion, read_confusion
+from tasks.ensemble import ensemble, read_ensemble
+from tasks.preprocess import open_cache
+from tests.conftest import make_config, single_torch_thread
+from tests.test_evaluate import FAST, TINY_MODELS, build_sample_cache, write_trained_model
+
+MEAN, WEIGHTED = "duo", "duo_weighted"
+ENSEMBLES = [{"name": MEAN, "members": TINY_MODELS},
+             {"name": WEIGHTED, "members": TINY_MODELS, "method": "weighted"}]
+
+
+@pytest.fixture(scope="module")
+def scored(tmp_path_factory):
+    """Two tiny models evaluated by the real stage, then both ensembles over them."""
+    with single_torch_thread():
+        config = make_config(tmp_path_factory.mktemp("ensembles"), ensembles=ENSEMBLES, **FAST)
+        build_sample_cache(config, train_per_class=2, val_per_class=3)
+        for seed, model in enumerate(TINY_MODELS):
+            write_trained_model(config, model, seed)
+            ev.evaluate.fn(config, model)
+        result = ensemble.fn(config)
+        yield config, result
+
+
+def test_mean_ensemble_probabilities_are_the_mean_of_the_members_saved_ones(scored):
+    config, result = scored
+    assert set(result["ensembles"]) == {MEAN, WEIGHTED} and result["skipped"] == {}
+    members = [ev.read_probs(config, m) for m in TINY_MODELS]
+    expected = (members[0].astype(np.float64) + members[1]) / 2
+    np.testing.assert_allclose(ev.read_probs(config, MEAN), expected, atol=1e-6)
+    # The members' saved probabilities are the ones their predictions came from.
+    for model, probs in zip(TINY_MODELS, members, strict=True):
+        predictions = ev.read_predictions(config, model)
+        np.testing.assert_array_equal(predictions["pred"], probs.argmax(axis=1))
+    predictions = ev.read_predictions(config, MEAN)
+    np.testing.assert_array_equal(predictions["pred"], expected.argmax(axis=1))
+    np.testing.assert_allclose(np.stack(predictions["top5_probs"].to_numpy())[:, 0], expected.max(axis=1), atol=1e-6)
+
+
+def test_ensemble_metrics_have_a_models_keys_a_ci_and_summed_latency(scored):
+    config, _ = scored
+    values = ev.read_metrics(config, MEAN)
+    assert list(values) == list(ev.METRIC_KEYS) and values["model"] == MEAN
+    labels = ev.read_predictions(config, MEAN)["label"].to_numpy()
+    assert values["n_test"] == len(labels) == 50
+    assert values["top1"] == pytest.approx(float((ev.read_probs(config, MEAN).argmax(1) == labels).mean()))
+    assert values["top1_ci_low"] <= values["top1"] <= values["top1_ci_high"]
+    assert values["top1_ci_low"] < values["top1_ci_high"]
+    members = [ev.read_metrics(config, m) for m in TINY_MODELS]
+    for key in ("latency_cpu_p50_ms", "latency_cpu_p95_ms", "params", "size_mb"):
+        assert values[key] == pytest.approx(sum(m[key] for m in members))
+    assert ev.read_per_class(config, MEAN)["support"].sum() == 50
+    assert ev.read_confusion_counts(config, MEAN).sum() == 50
+
+
+def test_mcnemar_compares_the_ensemble_with_each_member(scored):
+    config, _ = scored
+    with single_torch_thread():
+        confusion.fn(config)  # its default: the models and the ensembles of params
+    tests = read_confusion(config)["significance"]
+    pairs = {frozenset((t["a"], t["b"])) for t in tests}
+    for member in TINY_MODELS:
+        assert frozenset((MEAN, member)) in pairs
+    mine = [t for t in tests if MEAN in (t["a"], t["b"])]
+    assert all(0.0 <= t["p_value"] <= 1.0 for t in mine)
+
+
+def test_weighted_weights_are_fit_on_validation_rows_only(scored, tmp_path):
+    config, result = scored
+    record = read_ensemble(config, WEIGHTED)
+    val_labels = np.asarray(open_cache(config).labels("val"))
+    assert record["weights_fit_on"] == "val" and record["weights_fit_rows"] == len(val_labels) == 15
+    fit = ensembles.fit_weights([ev.read_probs(config, m, "val") for m in TINY_MODELS], val_labels)
+    assert record["weights"] == pytest.approx(fit.weights.tolist())
+    assert sum(record["weights"]) == pytest.approx(1.0)
+    np.testing.assert_allclose(ev.read_probs(config, WEIGHTED),
+                               ensembles.combine([ev.read_probs(config, m) for m in TINY_MODELS], fit.weights),
+                               atol=1e-6)
+    # Changing the members' test probabilities changes nothing in the weights.
+    for model in TINY_MODELS:
+        probs = ev.read_probs(config, model)
+        write_npy(ev.eval_dir(config, model) / ev.PROBS_FILE, probs[:, ::-1].copy())
+    try:
+        again = ensemble.fn(config)
+        assert again["ensembles"][WEIGHTED]["weights"] == pytest.approx(record["weights"])
+    finally:
+        for model in TINY_MODELS:
+            probs = ev.read_probs(config, model)
+            write_npy(ev.eval_dir(config, model) / ev.PROBS_FILE, probs[:, ::-1].copy())
+        ensemble.fn(config)
+
+
+def test_fit_weights_prefers_the_member_that_is_right_on_validation():
+    labels = np.array([0, 1, 2, 0])
+    right = np.eye(3)[labels] * 0.9 + 0.1 / 3
+    wrong = np.eye(3)[(labels + 1) % 3] * 0.9 + 0.1 / 3
+    fit = ensembles.fit_weights([wrong, right], labels)
+    assert fit.weights[1] > 0.9 and fit.rows == 4 and fit.split == "val"
+    with pytest.raises(ValueError, match="differ in length"):
+        ensembles.fit_weights([wrong, right[:3]], labels)
+
+
+def test_ensemble_with_a_failed_member_is_skipped(scored):
+    config, _ = scored
+    result = ensemble.fn(config, [TINY_MODELS[0]])
+    assert result["ensembles"] == {} and set(result["skipped"]) == {MEAN, WEIGHTED}
+    assert TINY_MODELS[1] in result["skipped"][MEAN]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "x", "members": ["mobilenet_v3_smal", "shufflenet_v2_x0_5"]}, "did you mean 'mobilenet_v3_small'"),
+    ({"name": "x", "members": TINY_MODELS, "method": "weigthed"}, "did you mean 'weighted'"),
+    ({"name": "shufflenet_v2_x0_5", "members": TINY_MODELS}, "also a model name"),
+    ({"name": "x", "members": TINY_MODELS[:1]}, "at least two different members"),
+])
+def test_config_refuses_bad_ensembles(tmp_path, spec, message):
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, ensembles=[spec], **FAST)
+    with pytest.raises(ConfigError, match="appears twice"):
+        make_config(tmp_path, ensembles=[ENSEMBLES[0], ENSEMBLES[0]], **FAST)
