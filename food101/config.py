@@ -750,10 +750,12 @@ def _check_paths(config: Config) -> None:
 
 
 def _check_model_names(models: list[str], where: str = "models") -> None:
-    # torchvision is imported lazily: config loading must stay fast for `--help` and tests.
-    from torchvision.models import list_models
+    """Each name resolves to a model (torchvision, timm:NAME or package.module:function)."""
+    # Imported lazily: config loading must stay fast for `--help` and tests.
+    from food101.models import UnknownModel, resolve_model
 
-    known = set(list_models(module=__import__("torchvision").models))
     for name in models:
-        if name not in known:
-            raise ConfigError(f"{where}: {name!r} is not a torchvision classification model{_suggest(name, known)}")
+        try:
+            resolve_model(name)
+        except UnknownModel as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
