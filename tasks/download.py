@@ -4,6 +4,8 @@ Sources (`data.source`):
 - `sample`: the bundled real subset at `paths.sample`, used in place.
 - `local`: `data.local_path` is either an extracted folder (used in place) or the official
   `.tar.gz`, which is MD5-verified and extracted under `paths.raw`.
+- `imagefolder`: `data.local_path` is a folder of `<class>/` folders, or of `train/<class>/` and
+  `test/<class>/` (food101/imagefolder.py), used in place; validate lists it.
 - `food101`: `data.url` is downloaded to `paths.raw/food-101.tar.gz` (resumable, retried,
   MD5-verified), then extracted under `paths.raw`.
 
@@ -565,6 +567,14 @@ def resolve_dataset(config: Config) -> dict[str, Any]:
     if source == "sample":
         return {"source": source, "root": str(check_layout(config.paths.sample).resolve()),
                 "archive": None, "archive_md5": None, "bytes": 0, "reused": True}
+    if source == "imagefolder":
+        from food101.imagefolder import scan
+
+        folder = Path(str(config.data.local_path)).expanduser().resolve()
+        found = scan(folder, config.data.test_fraction, config.data.split_seed)
+        log.info("image folder %s: %s, %d classes", folder, found.layout, len(found.classes))
+        return {"source": source, "root": str(folder), "archive": None, "archive_md5": None, "bytes": 0,
+                "reused": True}
     if source == "local":
         local = Path(str(config.data.local_path)).expanduser().resolve()
         if local.is_dir():

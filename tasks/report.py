@@ -718,6 +718,11 @@ def _validation_section(inputs: Inputs) -> Section:
             f"across {n_classes} classes; {len(quarantined)} quarantined (left out of training and testing); "
             f"{passed} of {len(expectations)} expectations passed. Data hash: `{v.get('data_hash', DASH)}`.")
     blocks: list[Any] = [Para(text)]
+    if dataset := v.get("dataset"):
+        names = list((inputs.classes or {}).get("display") or (inputs.classes or {}).get("names") or [])
+        shown = ", ".join(names[:20]) + (f" and {len(names) - 20} more" if len(names) > 20 else "")
+        blocks.append(Para(f"Dataset: `{dataset.get('source')}` at `{dataset.get('root')}`, "
+                           f"{dataset.get('classes')} classes ({shown}). Split: {dataset.get('split_rule')}."))
     if inputs.manifest is not None and len(inputs.manifest):
         counts = inputs.manifest[inputs.manifest["status"] != "quarantined"].groupby("split")["class"]
         per = counts.count()

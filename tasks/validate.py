@@ -105,6 +105,9 @@ class DatasetMeta:
     classes: list[str]
     display: list[str]
     listed: dict[str, list[str]]  # split -> image ids ("apple_pie/1005649") in file order
+    # (split, image id) -> path under the root, where not images/<id>.jpg (data.source=imagefolder)
+    paths: dict[tuple[str, str], str] | None = None
+    split_rule: str = "the official train/test lists (meta/train.txt, meta/test.txt)"
 
 
 @dataclass(frozen=True)
@@ -136,6 +139,19 @@ def read_meta(root: Path) -> DatasetMeta:
             f"{len(classes)} classes; restore both files from the original archive"
         )
     return DatasetMeta(classes, display, {split: lines(f"{split}.txt") for split in SPLITS})
+
+
+def dataset_meta(config: Config, root: Path) -> DatasetMeta:
+    """The listing of the dataset root: Food-101's meta files, or an image folder's (food101/imagefolder.py)."""
+    if config.data.source != "imagefolder":
+        return read_meta(root)
+    from food101 import imagefolder
+
+    found = imagefolder.scan(root, config.data.test_fraction, config.data.split_seed)
+    return DatasetMeta(found.classes, [imagefolder.display_name(c) for c in found.classes],
+                       {split: [image_id for image_id, _ in rows] for split, rows in found.listed.items()},
+                       {(split, image_id): path for split, rows in found.listed.items() for image_id, path in rows},
+                       f"{found.layout}: {found.split_rule}")
 
 
 def select_classes(all_classes: list[str], selection: list[str] | int | None) -> list[str]:
@@ -180,7 +196,8 @@ def select_rows(meta: DatasetMeta, classes: list[str], train_per_class: int | No
             if limit is not None and taken.get(name, 0) >= limit:
                 continue
             taken[name] = taken.get(name, 0) + 1
-            records.append((f"images/{image_id}.jpg", image_id, name, label_of[name], split))
+            path = meta.paths[(split, image_id)] if meta.paths else f"images/{image_id}.jpg"
+            records.append((path, image_id, name, label_of[name], split))
     return pd.DataFrame.from_records(records, columns=["path", "image_id", "class", "label", "split"])
 
 
@@ -566,8 +583,9 @@ def read_classes(config: Config) -> dict[str, list[str]]:
 
 
 def expected_for(config: Config, listing: pd.DataFrame, classes: list[str]) -> Expected:
-    # The bundled sample is itself a subset: its meta files, not the official counts, say what to expect.
-    whole = config.data.source != "sample" and not config.data.is_subset
+    # The bundled sample is itself a subset: its meta files, not the official counts, say what to
+    # expect; so does an image folder (the official counts are Food-101's).
+    whole = config.data.source not in ("sample", "imagefolder") and not config.data.is_subset
     official = ({"train": config.validate.official_train_per_class,
                  "test": config.validate.official_test_per_class} if whole else None)
     return Expected(classes=classes, counts=expected_counts(listing, classes, official),
@@ -578,7 +596,7 @@ def expected_for(config: Config, listing: pd.DataFrame, classes: list[str]) -> E
 def manifest_for(config: Config, root: Path, workers: int | None = None) -> tuple[pd.DataFrame, DatasetMeta,
                                                                                    list[str]]:
     """Select the configured rows under `root` and read every file: the manifest, meta, classes."""
-    meta = read_meta(root)
+    meta = dataset_meta(config, root)
     classes = select_classes(meta.classes, config.data.classes)
     listing = select_rows(meta, classes, config.data.train_per_class, config.data.test_per_class)
     if workers is None:
@@ -594,7 +612,9 @@ def validate(config: Config, parent_run_id: str | None = None) -> dict:
     from food101.tracking import stage_run  # here: the image readers' processes preload this module, not MLflow
 
     params = {"classes": config.data.classes, "train_per_class": config.data.train_per_class,
-              "test_per_class": config.data.test_per_class, **dataclasses.asdict(config.validate)}
+              "test_per_class": config.data.test_per_class, **dataclasses.asdict(config.validate),
+              **({"test_fraction": config.data.test_fraction, "split_seed": config.data.split_seed}
+                 if config.data.source == "imagefolder" else {})}
     with stage_run(config, "validate", parent_run_id, params=params) as run:
         root = Path(read_dataset(config)["root"])
         start = time.perf_counter()
@@ -616,6 +636,8 @@ def validate(config: Config, parent_run_id: str | None = None) -> dict:
             "expectations": expectations,
             "data_hash": digest,
             "dataset_root": str(root),
+            "dataset": {"source": config.data.source, "root": str(root), "classes": len(classes),
+                        "split_rule": meta.split_rule},
         }
         display_of = dict(zip(meta.classes, meta.display, strict=True))
         write_parquet(out / "manifest.parquet", manifest)
