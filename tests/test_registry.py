@@ -465,3 +465,24 @@ def test_predict_runtime_onnx_names_five_dishes_and_agrees_with_torch(onnx_champ
     assert ranked["onnx"][0] == ranked["torch"][0]
     best = float(next(line for line in done.stdout.splitlines() if "%" in line).split("%")[0])
     assert best > 25.0, done.stdout  # a decisive ranking, not five dishes tied at 20%
+
+
+def test_an_export_older_than_the_checkpoint_is_not_registered(onnx_champion):
+    """A best.pt retrained after the export: its old ONNX graph is not this model, so it is left out."""
+    from tasks.train import model_dir
+
+    config, promoted = onnx_champion
+    best = model_dir(config, ONNX_MODEL) / "best.pt"
+    stat = best.stat()
+    os.utime(best, (stat.st_atime, stat.st_mtime + 3600))
+    try:
+        run = start_benchmark_run(config)
+        again = registry.register_models(config, run.run_id, [ONNX_MODEL], ONNX_MODEL)
+        finish_run(run)
+    finally:
+        os.utime(best, (stat.st_atime, stat.st_mtime))
+    tags = client_for(config).get_model_version(again["name"], again["versions"][ONNX_MODEL]).tags
+    assert not any(key.startswith("onnx_") for key in tags) and registry.PREPROCESS_SHA_TAG not in tags
+    assert again["serving"]["runtime"] == "pytorch"
+    champion = client_for(config).get_model_version_by_alias(promoted["name"], registry.CHAMPION)
+    assert str(champion.version) == promoted["champion"]["version"]  # registering alone moves nothing
