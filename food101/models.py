@@ -28,6 +28,7 @@ import importlib
 import logging
 import os
 import pickle
+import threading
 import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -56,6 +57,20 @@ SAMPLING_FUNCTIONS = frozenset({
 })
 # The class count of torchvision's classifiers built without weights.
 TORCHVISION_CLASSES = 1000
+
+# torch.export and modules built on the meta device both go through torch.fx's process-wide
+# tracing metadata; two threads doing either at once fail with KeyError('custom'). The flow runs
+# evaluate, robustness and export on parallel threads, so both take this lock.
+TORCH_TRACING_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def on_meta_device() -> Iterator[None]:
+    """`torch.device("meta")` under TORCH_TRACING_LOCK."""
+    with TORCH_TRACING_LOCK, torch.device("meta"):
+        yield
+
+
 # Independent streams derived from one recipe seed.
 INIT_STREAM, DROPOUT_STREAM = 0, 1
 
@@ -142,7 +157,7 @@ def model_from_state(name: str, num_classes: int | None, state: dict[str, torch.
 
 def _from_state(source: ModelSource, num_classes: int | None, state: dict[str, torch.Tensor]) -> nn.Module:
     try:
-        with torch.device("meta"):
+        with on_meta_device():
             model = source.architecture(num_classes)
     except NotImplementedError:  # "Cannot copy out of meta tensor": its __init__ reads values
         model = None
@@ -405,7 +420,7 @@ class TorchvisionModel(ModelSource):
     def pretrained(self, num_classes: int, seed: int) -> nn.Module:
         weights = self.weights()
         state = _load_state_dict(self.arch, weights)
-        with torch.device("meta"):
+        with on_meta_device():
             dropped = _drop_auxiliary_heads(get_model(self.arch, weights=None))
         state = {k: v for k, v in state.items() if not k.startswith(tuple(f"{d}." for d in dropped))}
         try:
@@ -560,7 +575,7 @@ class CallableModel(ModelSource):
         if hasattr(factory, attribute):
             return getattr(factory, attribute)
         try:
-            with torch.device("meta"):
+            with on_meta_device():
                 model = self.architecture(2)
         except NotImplementedError:  # its __init__ reads values: build it for real, privately
             with private_generator(0):
@@ -654,12 +669,30 @@ def parameter_count(source: ModelSource) -> int:
     it can be built there."""
     classes = TORCHVISION_CLASSES if isinstance(source, CallableModel) else None
     try:
-        with torch.device("meta"):
+        with on_meta_device():
             model = source.architecture(classes)
-    except NotImplementedError:  # its __init__ reads values (RegNet's widths)
-        with private_generator(0):
+    except NotImplementedError:  # its __init__ reads values (RegNet's widths): only the weights on meta
+        with _parameters_on_meta(), private_generator(0):
             model = source.architecture(classes)
     return sum(p.numel() for p in model.parameters())
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Every parameter registered inside the block lives on the meta device (RegNetY-128GF would
+    take 2.6 GB on the CPU). It patches nn.Module for every thread: for `food101 models` only."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and not param.is_meta:
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
 
 
 def available_models(name_filter: str = "", include_timm: bool = True) -> tuple[list[str], int | None]:

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +34,7 @@ from food101.document import Figure, Para, Section, Table
 from food101.errors import Food101Error
 from food101.formatting import ci_cell, num, pct
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
+from food101.models import TORCH_TRACING_LOCK
 from food101.onnx_inference import (
     INPUT_NAME,
     OUTPUT_NAME,
@@ -65,9 +65,6 @@ class ExportMissing(Food101Error):
     """A model's export outputs are not there (export has not run for it)."""
 
 
-_EXPORT_LOCK = threading.Lock()
-
-
 # --- pure parts -----------------------------------------------------------------------------------
 
 
@@ -78,7 +75,7 @@ def export_onnx(module: Any, crop: int, path: Path, opset: int) -> int:
 
     example = torch.zeros(2, crop, crop, 3, dtype=torch.uint8)
     try:
-        with _EXPORT_LOCK:  # torch.export is not thread-safe: two at once fail with KeyError('custom')
+        with TORCH_TRACING_LOCK:  # torch.export is not thread-safe (see food101.models)
             program = torch.onnx.export(
                 module, (example,), dynamo=True, opset_version=opset, input_names=[INPUT_NAME],
                 output_names=[OUTPUT_NAME], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,

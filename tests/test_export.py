@@ -198,24 +198,36 @@ def test_timing_probes_hold_a_training_slot_and_evaluates_timing_lock(exported, 
     assert slots._free and not _timing_lock.locked()  # released afterwards
 
 
-def test_two_exports_on_two_threads_both_succeed(tmp_path):
-    """The flow exports models on parallel threads; torch.export alone fails there (KeyError 'custom')."""
+def test_exports_beside_models_loaded_from_state_on_other_threads_all_succeed(tmp_path):
+    """The flow exports one model while it evaluates or corrupts photos with others, which load
+    their weights on the meta device: without a shared lock torch.fx's tracing metadata breaks
+    (KeyError 'custom')."""
     import threading
 
-    from food101.models import build_model
+    from food101.models import build_model, model_from_state
     from food101.onnx_inference import with_preprocessing
 
-    modules = [with_preprocessing(build_model(name, 5, pretrained=False).eval(), [0.5] * 3, [0.5] * 3, 32, 32)
-               for name in ("mobilenet_v3_large", "efficientnet_b0")]
+    names = ("mobilenet_v3_large", "efficientnet_b0")
+    states = {name: build_model(name, 5, pretrained=False).state_dict() for name in names}
     errors: list[BaseException] = []
 
-    def export(i: int) -> None:
+    def guarded(work) -> None:
         try:
-            ex.export_onnx(modules[i], 32, tmp_path / f"m{i}.onnx", opset=20)
+            work()
         except BaseException as exc:  # noqa: BLE001 - collected and asserted below
             errors.append(exc)
 
-    threads = [threading.Thread(target=export, args=(i,)) for i in range(2)]
+    def export(i: int) -> None:
+        module = with_preprocessing(model_from_state(names[i], 5, states[names[i]]).eval(), [0.5] * 3, [0.5] * 3,
+                                    32, 32)
+        ex.export_onnx(module, 32, tmp_path / f"m{i}.onnx", opset=20)
+
+    def load_repeatedly() -> None:
+        for _ in range(6):
+            model_from_state("efficientnet_b0", 5, states["efficientnet_b0"])
+
+    threads = [threading.Thread(target=guarded, args=(lambda i=i: export(i),)) for i in range(2)]
+    threads.append(threading.Thread(target=guarded, args=(load_repeatedly,)))
     with single_torch_thread():
         for thread in threads:
             thread.start()
