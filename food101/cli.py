@@ -203,6 +203,33 @@ def params_cmd(
         typer.echo(text, nl=False)
 
 
+# More rows than this from `food101 models --filter` are counted, not listed.
+MODELS_LISTED = 200
+
+
+@app.command("models")
+def models_cmd(
+    filter_: Annotated[str, typer.Option("--filter", "-f", help="Only names containing this text; lists timm's "
+                                         "matching models too (timm:NAME).")] = "",
+) -> None:
+    """List what can be named in `models:`: torchvision's classifiers (and timm's, under --filter),
+    with parameter count, default weights and their input size. In-house models are named
+    package.module:function (README, "Adding a model")."""
+    from food101.models import available_models, describe_model
+
+    names, timm_count = available_models(filter_)
+    typer.echo(f"{'name':<44} {'params':>9}  {'input':>5}  default weights")
+    for name in names[:MODELS_LISTED]:
+        row = describe_model(name)
+        typer.echo(f"{name:<44} {row['parameters'] / 1e6:8.1f}M  {row['input_size'] or '':>5}  {row['weights']}")
+    if len(names) > MODELS_LISTED:
+        typer.echo(f"... and {len(names) - MODELS_LISTED} more: narrow --filter")
+    if timm_count is None:
+        typer.echo("timm is not installed (pip install 'food101-benchmark[timm]'): no timm:NAME models")
+    elif not filter_:
+        typer.echo(f"and {timm_count} timm models, named timm:NAME: list them with --filter TEXT")
+
+
 RuntimeOpt = Annotated[
     str,
     typer.Option("--runtime", "-r", help="torch (default): the registered state dict in PyTorch, exactly as "

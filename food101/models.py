@@ -707,3 +707,10 @@ def available_models(name_filter: str = "", include_timm: bool = True) -> tuple[
     if include_timm and name_filter:
         names += [f"{TIMM_PREFIX}{n}" for n in timm_names if name_filter in f"{TIMM_PREFIX}{n}"]
     return names, len(timm_names)
+
+
+def describe_model(name: str) -> dict[str, object]:
+    """What `food101 models` shows for a name: kind, parameters, default weights and input size."""
+    source = resolve_model(name)
+    return {"name": name, "kind": source.kind, "parameters": parameter_count(source),
+            "weights": source.weights_label(), "input_size": source.input_size()}
