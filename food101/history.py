@@ -49,9 +49,9 @@ ALPHA = 0.05  # significance level of McNemar's and Mann-Whitney's tests
 
 # Metrics compared between benchmarks, with the direction that is better. Latency p95 is shown in
 # the report but not tested: the p50 row carries the test on the same samples.
-HIGHER_IS_BETTER = ("top1", "top5", "macro_precision", "macro_recall", "macro_f1",
+HIGHER_IS_BETTER = ("top1", "top5", "macro_precision", "macro_recall", "macro_f1", "mean_corruption_accuracy",
                     "throughput_cpu_ips", "throughput_gpu_ips", "train_images_per_s")
-LOWER_IS_BETTER = ("ece", "latency_cpu_p50_ms", "latency_gpu_p50_ms", "train_time_s")
+LOWER_IS_BETTER = ("ece", "mce", "latency_cpu_p50_ms", "latency_gpu_p50_ms", "train_time_s")
 COMPARED_METRICS = HIGHER_IS_BETTER + LOWER_IS_BETTER
 # Timing metrics with raw samples in timing_samples.parquet: metric -> (sample metric, device).
 SAMPLED_METRICS = {
@@ -62,7 +62,8 @@ THROUGHPUT_METRICS = ("train_images_per_s", "throughput_cpu_ips", "throughput_gp
 # Speed figures only mean something against the same hardware.
 SPEED_METRICS = (*SAMPLED_METRICS, "train_images_per_s", "train_time_s")
 # Accuracy metrics with a bootstrap interval in metrics.json and a per-photo correctness vector.
-INTERVAL_METRICS = ("top1", "top5")
+# Robustness figures (tasks/robustness.py) have a bootstrap interval but no correctness vector.
+INTERVAL_METRICS = ("top1", "top5", "mean_corruption_accuracy", "mce")
 # Top-k accuracy metrics: with k classes or fewer they are 100% by construction.
 TOP_K = {"top5": 5}
 
@@ -114,7 +115,7 @@ class BenchmarkRecord:
 
     def correctness(self, model: str, metric: str = "top1") -> dict[str, bool] | None:
         """{test path: correct} for one model, or None when the vector was not recorded."""
-        bits = (self.correct if metric == "top1" else self.correct_top5).get(model)
+        bits = {"top1": self.correct, "top5": self.correct_top5}.get(metric, {}).get(model)
         if not bits or len(bits) != len(self.test_paths):
             return None
         return {path: bit == "1" for path, bit in zip(self.test_paths, bits, strict=True) if bit != "."}

@@ -184,6 +184,27 @@ def test_interval_overlap_without_correctness_vectors(config):
                                config.alerts)["deltas"][0]["significant"]
 
 
+def test_robustness_figures_are_compared_like_accuracy(config):
+    """Mean corruption accuracy and mCE (the robustness stage's headlines) carry intervals: a drop
+    beyond them is a regression, a change inside them is not."""
+    def robust(mca: float, mce: float) -> dict:
+        return metrics(0.80) | {"mean_corruption_accuracy": mca, "mean_corruption_accuracy_ci_low": mca - 0.02,
+                                "mean_corruption_accuracy_ci_high": mca + 0.02, "mce": mce, "mce_ci_low": mce - 0.05,
+                                "mce_ci_high": mce + 0.05}
+
+    benchmark(config, {"resnet50": robust(0.60, 0.90)}, {})
+    run, worse = benchmark(config, {"resnet50": robust(0.40, 1.20)}, {}, finish=False)
+    comparison = history.compare(worse, history.find_previous(config, client_for(config), run.run_id, worse.key),
+                                 config.alerts)
+    outcomes = {d["metric"]: d["outcome"] for d in comparison["deltas"]}
+    assert outcomes["mean_corruption_accuracy"] == "regression" and outcomes["mce"] == "regression"
+    assert outcomes["top1"] == "no change"
+    run, close = benchmark(config, {"resnet50": robust(0.61, 0.92)}, {}, finish=False)
+    outcomes = {d["metric"]: d["outcome"] for d in history.compare(
+        close, history.find_previous(config, client_for(config), run.run_id, close.key), config.alerts)["deltas"]}
+    assert outcomes["mean_corruption_accuracy"] == "no change" and outcomes["mce"] == "no change"
+
+
 def test_throughput_on_different_hardware_is_shown_but_never_a_regression(config):
     benchmark(config, {"resnet50": metrics(0.8)}, {"resnet50": BASE_CORRECT}, hardware="cpu: Old CPU x2; gpu: none")
     run, current = benchmark(config, {"resnet50": metrics(0.8, train_ips=50.0, cpu_ips=200.0)},
