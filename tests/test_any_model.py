@@ -1,0 +1,203 @@
+"""Any model by name: torchvision's (with a weights enum), timm's (timm:NAME) and in-house ones
+(package.module:function), trained and evaluated by the real stages, and a name that resolves to
+nothing stopped at load_config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models import get_model
+
+from food101.config import ConfigError
+from food101.models import build_model, classifier_head, model_from_state, normalization, resolve_model
+from tasks.evaluate import evaluate
+from tasks.train import read_train_summary, train
+from tests.conftest import REPO, generated_overrides, make_config, single_torch_thread
+from tests.test_evaluate import FAST, build_sample_cache
+
+LITE0 = "food101.contrib.lite0:efficientnet_lite0"
+TINY = "tests.test_any_model:tiny_cnn"
+# (architecture, where its classifier lives): one of each family, none named in the code.
+FAMILIES = [
+    ("resnet18", "fc"), ("efficientnet_b0", "classifier.1"), ("mobilenet_v3_small", "classifier.3"),
+    ("convnext_tiny", "classifier.2"), ("vit_b_16", "heads.head"), ("swin_t", "head"), ("regnet_y_400mf", "fc"),
+    ("densenet121", "classifier"), ("squeezenet1_1", "classifier.1"), ("maxvit_t", "classifier.5"),
+    ("googlenet", "fc"), ("inception_v3", "fc"), ("shufflenet_v2_x0_5", "fc"), ("vgg11", "classifier.6"),
+]
+
+
+class TinyCNN(nn.Module):
+    """An in-house network: two convolutions and a linear head."""
+
+    normalization = ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))  # read by food101.models
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+            nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(0.1))
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x))
+
+
+def tiny_cnn(num_classes: int, pretrained: bool) -> nn.Module:
+    """The `package.module:function` contract: the network for `num_classes`, weights if asked."""
+    if pretrained:
+        raise RuntimeError("tiny_cnn has no pretrained weights")
+    return TinyCNN(num_classes)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_thread):
+    """Every test here: one torch thread."""
+
+
+# --- names ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("arch", "head_name"), FAMILIES)
+def test_head_is_found_and_replaced_in_every_family(arch: str, head_name: str) -> None:
+    # Built on the meta device where the architecture allows it: no memory, no initialisation.
+    try:
+        with torch.device("meta"):
+            model, reference = build_model(arch, 7, pretrained=False), get_model(arch)
+    except NotImplementedError:  # RegNet reads its widths while building
+        model, reference = build_model(arch, 7, pretrained=False), get_model(arch)
+    name, head = classifier_head(model)
+    assert name == head_name
+    assert classifier_head(reference, num_outputs=1000)[0] == head_name
+    outputs = head.out_features if isinstance(head, nn.Linear) else head.out_channels
+    assert outputs == 7
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        assert model.eval()(torch.zeros(2, 3, 224, 224, device=device)).shape == (2, 7)
+
+
+def test_weights_named_after_at_give_their_own_preprocessing() -> None:
+    source = resolve_model("vit_b_16@IMAGENET1K_SWAG_E2E_V1")
+    assert source.weights().name == "IMAGENET1K_SWAG_E2E_V1" and source.input_size() == 384
+    assert resolve_model("vit_b_16").input_size() == 224
+    assert normalization("timm:resnet10t", pretrained=True) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert resolve_model("timm:resnet10t").input_size() == 176
+    assert normalization(LITE0, pretrained=True) == ((0.5,) * 3, (0.5,) * 3)  # the function's attribute
+    assert normalization(TINY, pretrained=False) == ((0.5,) * 3, (0.25,) * 3)  # the module's attribute
+
+
+@pytest.mark.parametrize(("models", "message"), [
+    (["resnet18", "convnext_tiy"], "models: 'convnext_tiy' is not a torchvision classification model; "
+                                   "did you mean 'convnext_tiny'"),
+    (["timm:resnet10tt"], "'timm:resnet10tt' is not a timm model; did you mean 'resnet10t'"),
+    (["food101.contrib.lite0:efficientnet_lite"], "has no function 'efficientnet_lite'; did you mean "
+                                                  "'efficientnet_lite0'"),
+    (["food101.contrib.lit0:efficientnet_lite0"], "cannot import module 'food101.contrib.lit0'"),
+    (["resnet50@IMAGENET1K_V3"], "resnet50 has no weights 'IMAGENET1K_V3' (it has IMAGENET1K_V1"),
+])
+def test_a_name_that_resolves_to_nothing_stops_at_load_config(tmp_path: Path, models: list[str], message: str):
+    with pytest.raises(ConfigError) as caught:
+        make_config(tmp_path, models=models)
+    assert message in str(caught.value)
+
+
+def test_overrides_of_every_kind_are_checked_and_applied(tmp_path: Path) -> None:
+    overrides = {"timm:resnet10t": {"lr": 0.01}, LITE0: {"pretrained": True}, "resnet50@IMAGENET1K_V1": {"epochs": 3}}
+    config = make_config(tmp_path, models=["timm:resnet10t", LITE0], train__overrides=overrides)
+    assert config.train.for_model("timm:resnet10t").lr == 0.01
+    assert config.train.for_model(LITE0).pretrained is True
+    assert config.train.for_model("resnet50@IMAGENET1K_V1").epochs == 3
+    with pytest.raises(ConfigError, match="train.overrides: 'timm:resnet10tt' is not a timm model"):
+        make_config(tmp_path, train__overrides={"timm:resnet10tt": {"lr": 0.01}})
+
+
+def test_a_model_function_must_return_a_module(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match="returned a dict, not a torch.nn.Module"):
+        build_model("tests.test_any_model:not_a_model", 5, pretrained=False)
+
+
+def not_a_model(num_classes: int, pretrained: bool) -> dict:
+    return {"num_classes": num_classes}
+
+
+def test_rebuilt_from_state_without_drawing_random_numbers() -> None:
+    for name in ("timm:resnet10t", TINY, LITE0):
+        model = build_model(name, 5, pretrained=False, seed=3).eval()
+        before = torch.random.get_rng_state()
+        again = model_from_state(name, 5, model.state_dict()).eval()
+        assert torch.equal(before, torch.random.get_rng_state())
+        x = torch.linspace(-1, 1, 2 * 3 * 64 * 64).view(2, 3, 64, 64)
+        with torch.no_grad():
+            assert torch.equal(model(x), again(x)), name
+
+
+# --- the real stages -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A cache of real sample photos, and one model of each kind trained and evaluated from scratch."""
+    models = ["resnet18", "timm:resnet10t", TINY]
+    with single_torch_thread():
+        config = make_config(tmp_path_factory.mktemp("any-model"), **FAST | {
+            "models": models, "train__epochs": 2, "train__batch_size": 8, "train__overrides": {}})
+        build_sample_cache(config, train_per_class=4, val_per_class=2)
+        results = {model: (train.fn(config, model), evaluate.fn(config, model)) for model in models}
+        yield config, results
+
+
+@pytest.mark.parametrize("model", ["resnet18", "timm:resnet10t", TINY])
+def test_each_kind_trains_and_evaluates_from_scratch(trained, model: str) -> None:
+    config, results = trained
+    summary, metrics = results[model]
+    assert summary["status"] == "ok" and summary["epochs_run"] == 2
+    assert read_train_summary(config, model)["status"] == "ok"
+    # The files live under the name as written (':' is a valid file name character here).
+    assert (config.paths.models / model / "best.pt").is_file()
+    on_disk = json.loads((config.paths.eval / model / "metrics.json").read_text())
+    assert on_disk["n_test"] == 50 and 0.0 <= on_disk["top1"] <= 1.0
+    assert metrics["top1"] == on_disk["top1"]
+
+
+def test_the_in_house_normalisation_is_the_one_trained_and_saved(trained) -> None:
+    from tasks.train import load_trained_model
+
+    config, _ = trained
+    _, meta = load_trained_model(config, TINY)
+    assert meta["mean"] == [0.5] * 3 and meta["std"] == [0.25] * 3 and meta["arch"] == TINY
+
+
+# --- the flow, with a genuinely pretrained module:function model ---------------------------------
+
+
+@pytest.mark.slow
+def test_flow_fine_tunes_and_reports_a_pretrained_model_function(tmp_path: Path, prefect_harness) -> None:
+    from flows.benchmark import benchmark
+
+    overrides = generated_overrides(tmp_path) | {
+        "models": ["mobilenet_v3_large", LITE0],
+        "train.epochs": 2, "train.max_steps_per_epoch": 3,
+        "train.overrides": {LITE0: {"pretrained": True, "lr": 0.001, "frozen_batchnorm": True,
+                                    "backbone_lr_scale": 0.3}},
+        "evaluate.latency_runs": 5, "evaluate.bootstrap_samples": 200,
+        "export.latency_runs": 5, "export.calibration_size": 16, "export.bootstrap_samples": 200,
+        "robustness.corruptions": ["jpeg"], "robustness.bootstrap_samples": 200,
+    }
+    with single_torch_thread():
+        benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
+    config = make_config(tmp_path, **{k.replace(".", "__"): v for k, v in overrides.items()
+                                      if not k.startswith("paths.")})
+    summary = json.loads((config.paths.reports / "summary.json").read_text())
+    report = (config.paths.reports / "report.md").read_text()
+    metrics = json.loads((config.paths.eval / LITE0 / "metrics.json").read_text())
+    assert LITE0 in report
+    assert 0.0 <= metrics["top1"] <= 1.0
+    assert LITE0 in json.dumps(summary)
+    best = torch.load(config.paths.models / LITE0 / "best.pt", map_location="cpu", weights_only=True)
+    assert best["mean"] == [0.5] * 3 and best["std"] == [0.5] * 3
+    export = json.loads((config.paths.export / LITE0 / "export.json").read_text())
+    print("export", {k: export.get(k) for k in ("status", "error")})
