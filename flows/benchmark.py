@@ -34,6 +34,7 @@ from tasks.evaluate import evaluate, read_metrics
 from tasks.export import export
 from tasks.preprocess import preprocess
 from tasks.report import report
+from tasks.robustness import headlines as robustness_headlines
 from tasks.robustness import robustness
 from tasks.train import train
 from tasks.validate import validate
@@ -132,16 +133,16 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     failures.update({name: reason for name, reason in ensembles["skipped"].items()})
     compared = models + list(ensembles["ensembles"])  # ensembles appear wherever a model does
     stage["confusion"](config, compared, parent_run_id)
+    robustness_failures = _wait_robustness(robust)  # its figures are compared with the last benchmark's
     comparison = compare_with_previous(config, parent_run_id, compared)
-    robustness_failures = _wait_robustness(robust)
     export_failures = _wait_exports(exports)
     published = stage["report"](config, compared, failures, parent_run_id)  # renders the comparison too
     dvc = record_outputs(config) if not failures and not robustness_failures and not export_failures else None
     if dvc is not None:
         log.info("DVC: %s", dvc.reason)
     # Last, so that a regression still leaves a complete report, registry and DVC record behind.
-    registered = register_and_gate(config, parent_run_id, models,
-                                   _registrable(config, published["recommended"], evaluated), comparison)
+    registered = register_and_gate(config, parent_run_id, models, published["recommended"], comparison,
+                                   list(ensembles["ensembles"]))
     return {
         "profile": config.profile,
         "parent_run_id": parent_run_id,
@@ -158,34 +159,24 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
 
 
 def register_and_gate(
-    config: Config, parent_run_id: str, models: list[str], recommended: str, comparison: dict[str, Any]
+    config: Config, parent_run_id: str, models: list[str], recommended: str, comparison: dict[str, Any],
+    ensembles: list[str] | None = None,
 ) -> dict[str, Any]:
     """Register every model, then pass the regression gate, then move `champion`: a benchmark
     that raises RegressionDetected leaves its versions registered and the alias where it was."""
-    registered = registry.register_models(config, parent_run_id, models, recommended)
+    registered = registry.register_models(config, parent_run_id, models, recommended, ensembles)
     history.raise_if_regressed(config, comparison)
     return registry.promote_champion(config, registered)
-
-
-def _registrable(config: Config, recommended: str, evaluated: dict[str, dict[str, Any]]) -> str:
-    """The registry holds single models: a recommended ensemble hands the champion to its most
-    accurate member (registering an ensemble as a pyfunc of its members is not built yet)."""
-    spec = next((e for e in config.ensembles if e.name == recommended), None)
-    if spec is None:
-        return recommended
-    member = max(spec.members, key=lambda m: evaluated[m]["top1"])
-    log.warning("ensemble %s is recommended; the registry's champion is its most accurate member %s",
-                recommended, member)
-    return member
 
 
 def compare_with_previous(config: Config, parent_run_id: str, models: list[str]) -> dict[str, Any]:
     """Record this benchmark on its MLflow run, compare it with the last one on the same data and
     evaluation settings (or say what differs from the latest), and notify of regressions."""
     parent = Run(client_for(config), parent_run_id)
-    record = history.record_benchmark(
-        config, parent, {m: read_metrics(config, m) for m in models}, history.hardware_description()
-    )
+    metrics = {m: read_metrics(config, m) for m in models}
+    for model, figures in robustness_headlines(config, models).items():
+        metrics[model].update({k: v for k, v in figures.items() if k != "ce"})
+    record = history.record_benchmark(config, parent, metrics, history.hardware_description())
     previous = history.find_previous(config, parent.client, parent_run_id, record.key)
     latest = None if previous else history.find_latest(config, parent.client, parent_run_id)
     comparison = history.compare(record, previous, config.alerts, latest)

@@ -92,8 +92,10 @@ def champion_uri(config: Config, profile: str | None = None) -> str:
 # --- registering -------------------------------------------------------------------------------
 
 
-def register_models(config: Config, parent_run_id: str, models: list[str], recommended: str) -> dict[str, Any]:
-    """Register each trained model as a version; the aliases do not move (see promote_champion).
+def register_models(config: Config, parent_run_id: str, models: list[str], recommended: str,
+                    ensembles: list[str] | None = None) -> dict[str, Any]:
+    """Register each trained model as a version, then each evaluated ensemble (a version naming its
+    members' versions: food101/ensemble_registry.py); the aliases do not move (see promote_champion).
 
     Models without a best.pt (training failed) are skipped and listed; the recommended one must
     exist.
@@ -101,7 +103,9 @@ def register_models(config: Config, parent_run_id: str, models: list[str], recom
     client = client_for(config)
     name = registered_model_name(config)
     missing = {m: str(_best_path(config, m)) for m in models if not _best_path(config, m).is_file()}
-    if recommended in missing or recommended not in models:
+    if recommended in (ensembles or []):
+        pass  # checked below: registered only when its members are
+    elif recommended in missing or recommended not in models:
         raise RegistryError(
             f"cannot register {recommended!r} as champion: no checkpoint at "
             f"{_best_path(config, recommended)} (did its training fail? see train.json)"
@@ -113,7 +117,15 @@ def register_models(config: Config, parent_run_id: str, models: list[str], recom
             log.warning("not registering %s: %s does not exist", model, missing[model])
             continue
         versions[model] = _register_one(config, client, name, parent_run_id, model)
-    serving = serving_choice(config, recommended, client.get_model_version(name, versions[recommended]).tags)
+    if ensembles:
+        from food101.ensemble_registry import register_ensembles
+
+        versions.update(register_ensembles(config, client, name, parent_run_id, ensembles, versions))
+    if recommended not in versions:
+        raise RegistryError(f"cannot register {recommended!r} as champion: its members are not all registered")
+    serving = ({"runtime": "pytorch", "precision": "fp32", "why": "an ensemble runs its members in PyTorch"}
+               if recommended in (ensembles or [])
+               else serving_choice(config, recommended, client.get_model_version(name, versions[recommended]).tags))
     return {"name": name, "parent_run_id": parent_run_id, "versions": versions, "recommended": recommended,
             "champion": None, "previous": None, "skipped": missing, "uri": champion_uri(config), "serving": serving}
 
@@ -315,13 +327,21 @@ def _champion_version(config: Config, alias: str, profile: str | None) -> tuple[
             ) from exc
         raise _unavailable(config, exc) from exc
     what = f"version {version.version} of {name} (alias {alias})"
-    if version.tags.get(FORMAT_TAG) != FORMAT or not version.tags.get(SHA_TAG):
+    _require_trusted(version, what, hint)
+    return name, version, source, what, hint
+
+
+def _require_trusted(version: Any, what: str, hint: str) -> None:
+    from food101.ensemble_registry import ENSEMBLE_FORMAT, ENSEMBLE_SHA_TAG
+
+    tags = version.tags
+    if not ((tags.get(FORMAT_TAG) == FORMAT and tags.get(SHA_TAG))
+            or (tags.get(FORMAT_TAG) == ENSEMBLE_FORMAT and tags.get(ENSEMBLE_SHA_TAG))):
         raise UntrustedModel(
             f"{what} was not registered by this pipeline (no {FORMAT_TAG}/{SHA_TAG} tags), so it is not "
             f"loaded: it may hold code. Point the alias at a version a benchmark registered "
             f"(MlflowClient().set_registered_model_alias) or {hint}"
         )
-    return name, version, source, what, hint
 
 
 def _verified(path: Path, recorded: str | None, what: str, hint: str) -> Path:
@@ -337,9 +357,17 @@ def load_champion(config: Config, alias: str = CHAMPION, profile: str | None = N
 
     Only a version this pipeline registered is loaded, and only as data (see the module's doc).
     """
+    name, version, source, what, hint = _champion_version(config, alias, profile)
+    if version.tags.get(FORMAT_TAG) != FORMAT:
+        raise RegistryError(f"{what} is the ensemble {version.tags.get('model')}: `food101 predict` runs its "
+                            "members; it has no single network to load")
+    return _load_version(config, name, version, source, what, hint)
+
+
+def _load_version(config: Config, name: str, version: Any, source: str, what: str, hint: str) -> LoadedModel:
+    """A trusted model version's network and metadata (sha256 checked, weights_only)."""
     import torch
 
-    name, version, source, what, hint = _champion_version(config, alias, profile)
     recorded = version.tags.get(SHA_TAG)
     with tempfile.TemporaryDirectory(prefix="food101-champion-") as folder:
         meta_path, weights_path = (_download(f"{source}/{file}", Path(folder), config, what)
@@ -494,14 +522,25 @@ def _predict_torch(config: Config, photos: list[Path], top_k: int, alias: str,
                    profile: str | None) -> list[dict[str, Any]]:
     import torch
 
-    loaded = load_champion(config, alias, profile)
+    name, version, source, what, hint = _champion_version(config, alias, profile)
+    if version.tags.get(FORMAT_TAG) == FORMAT:
+        members, weights = [_load_version(config, name, version, source, what, hint)], [1.0]
+    else:
+        from food101.ensemble_registry import load_members
+
+        members, weights = load_members(config, name, version, source, what, hint)
+    loaded = members[0]
     meta = loaded.meta
-    batch = torch.stack([
-        photo_tensor(p, meta["resize"], meta["crop"], meta["image_size"], meta["mean"], meta["std"])
-        for p in photos
-    ])
+    probabilities = 0
     with torch.inference_mode():
-        probabilities = torch.softmax(loaded.network(batch).float(), dim=1)
+        for member, weight in zip(members, weights, strict=True):
+            m = member.meta
+            batch = torch.stack([photo_tensor(p, m["resize"], m["crop"], m["image_size"], m["mean"], m["std"])
+                                 for p in photos])
+            probabilities = probabilities + weight * torch.softmax(member.network(batch).float(), dim=1)
+    if version.tags.get(FORMAT_TAG) != FORMAT:  # an ensemble: named as itself
+        loaded = LoadedModel(None, {**meta, "model": version.tags.get("model")}, name, str(version.version))
+        meta = loaded.meta
     k = min(top_k, probabilities.shape[1])
     top_p, top_i = probabilities.topk(k, dim=1)
     results = []

@@ -129,3 +129,35 @@ def test_config_refuses_bad_ensembles(tmp_path, spec, message):
         make_config(tmp_path, ensembles=[spec], **FAST)
     with pytest.raises(ConfigError, match="appears twice"):
         make_config(tmp_path, ensembles=[ENSEMBLES[0], ENSEMBLES[0]], **FAST)
+
+
+def test_registered_ensemble_predicts_the_weighted_mean_of_its_member_versions(scored):
+    from food101 import registry
+    from food101.ensemble_registry import ENSEMBLE_FORMAT
+    from food101.tracking import client_for, finish_run, start_benchmark_run
+    from tests.conftest import SAMPLE
+
+    config, _ = scored
+    photo = SAMPLE / "images" / "apple_pie" / "1005649.jpg"
+    with single_torch_thread():
+        run = start_benchmark_run(config)
+        registered = registry.promote_champion(config, registry.register_models(
+            config, run.run_id, TINY_MODELS, recommended=WEIGHTED, ensembles=[MEAN, WEIGHTED]))
+        finish_run(run)
+        assert set(registered["versions"]) == {*TINY_MODELS, MEAN, WEIGHTED}
+        client = client_for(config)
+        version = client.get_model_version(registered["name"], registered["versions"][WEIGHTED])
+        assert version.tags["food101_format"] == ENSEMBLE_FORMAT
+        [result] = registry.predict(config, [photo])
+        weights = read_ensemble(config, WEIGHTED)["weights"]
+        members = []
+        for model in TINY_MODELS:  # each member version alone, through the same trusted loader
+            client.set_registered_model_alias(registered["name"], "probe", registered["versions"][model])
+            [alone] = registry.predict(config, [photo], top_k=5, alias="probe")
+            members.append({t["class"]: t["probability"] for t in alone["top"]})
+    assert result["model"] == WEIGHTED and result["version"] == registered["versions"][WEIGHTED]
+    for entry in result["top"]:
+        expected = sum(w * m[entry["class"]] for w, m in zip(weights, members, strict=True))
+        assert entry["probability"] == pytest.approx(expected, abs=1e-5)
+    with pytest.raises(registry.RegistryError, match="is the ensemble"):
+        registry.load_champion(config)
