@@ -16,7 +16,7 @@ were trained with (the weights' metadata, timm's data config, or the function's 
 No model touches torch's process-wide generator, which the flow's threads share: random
 initialisation draws from a generator of its own seeded with the recipe's seed, a model loaded
 from saved weights is built on the meta device and draws nothing, and dropout and stochastic
-depth are swapped for modules that draw from the training's own generator.
+depth are swapped for modules that draw from the training's own generator (food101/randomness.py).
 """
 
 from __future__ import annotations
@@ -35,14 +35,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torchvision.models import WeightsEnum, get_model, get_model_weights, list_models
-from torchvision.ops import StochasticDepth
 
 from food101.errors import Food101Error
+from food101.randomness import (  # noqa: F401 - re-exported: the trainer and tests import them from here
+    DROPOUT_STREAM,
+    INIT_STREAM,
+    GeneratorDropout,
+    GeneratorStochasticDepth,
+    draw_dropout_from,
+    private_generator,
+    stream_seed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +56,6 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # The best ImageNet weights torchvision publishes come first.
 PREFERRED_WEIGHTS = ("IMAGENET1K_V2", "IMAGENET1K_V1", "DEFAULT")
-# Sampling functions that take a `generator=` but are often called without one.
-SAMPLING_FUNCTIONS = frozenset({
-    "normal_", "uniform_", "bernoulli_", "random_", "exponential_", "geometric_", "log_normal_", "cauchy_",
-    "rand", "randn", "randint", "randperm", "normal", "bernoulli", "multinomial", "poisson",
-})
 # The class count of torchvision's classifiers built without weights.
 TORCHVISION_CLASSES = 1000
 
@@ -71,8 +72,6 @@ def on_meta_device() -> Iterator[None]:
         yield
 
 
-# Independent streams derived from one recipe seed.
-INIT_STREAM, DROPOUT_STREAM = 0, 1
 
 
 class WeightsUnavailable(Food101Error):
@@ -95,35 +94,6 @@ def pretrained_weights(arch: str) -> WeightsEnum:
 def expected_weights_path(weights: WeightsEnum) -> Path:
     """Where torch.hub looks for (and downloads) these weights: $TORCH_HOME/hub/checkpoints/<file>."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(weights.url).path)
-
-
-def stream_seed(seed: int, stream: int) -> int:
-    """A seed for one use (`INIT_STREAM`, `DROPOUT_STREAM`) of the recipe's seed, so the uses do
-    not share one random sequence."""
-    return int(np.random.SeedSequence([seed, stream]).generate_state(1)[0])
-
-
-class _PrivateGenerator(TorchFunctionMode):
-    # Torch function modes are per thread: only this thread's sampling is redirected.
-    def __init__(self, generator: torch.Generator) -> None:
-        super().__init__()
-        self.generator = generator
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        asks_default = "generator" in kwargs and kwargs["generator"] is None  # nn.init passes None
-        if asks_default or ("generator" not in kwargs and getattr(func, "__name__", "") in SAMPLING_FUNCTIONS):
-            kwargs["generator"] = self.generator
-        return func(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def private_generator(seed: int) -> Iterator[torch.Generator]:
-    """Inside the block, this thread's sampling on the CPU (torchvision's weight initialisation)
-    draws from a generator seeded with `seed` instead of torch's process-wide one."""
-    generator = torch.Generator().manual_seed(seed)
-    with _PrivateGenerator(generator):
-        yield generator
 
 
 def build_model(name: str, num_classes: int, pretrained: bool, seed: int = 0) -> nn.Module:
@@ -176,88 +146,6 @@ def _checked_module(model: object, name: str) -> nn.Module:
         raise Food101Error(f"{name} returned a {type(model).__name__}, not a torch.nn.Module: "
                            "a model function must return the network")
     return model
-
-
-class GeneratorDropout(nn.Module):
-    """nn.Dropout drawing its mask from `generator` (zeroes with probability p, scales the rest by
-    1/(1-p) in training, the identity in evaluation)."""
-
-    def __init__(self, p: float, inplace: bool, generator: torch.Generator) -> None:
-        super().__init__()
-        self.p, self.inplace, self.generator = p, inplace, generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        if self.p == 1.0:
-            return x.zero_() if self.inplace else torch.zeros_like(x)
-        mask = torch.empty_like(x).bernoulli_(1.0 - self.p, generator=self.generator).div_(1.0 - self.p)
-        return x.mul_(mask) if self.inplace else x * mask
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, inplace={self.inplace}"
-
-
-class GeneratorStochasticDepth(nn.Module):
-    """torchvision's StochasticDepth drawing from `generator`: in training, drops the whole input
-    per row ("row") or for the batch ("batch") with probability p, scaling survivors by 1/(1-p)."""
-
-    def __init__(self, p: float, mode: str, generator: torch.Generator) -> None:
-        super().__init__()
-        self.p, self.mode, self.generator = p, mode, generator
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0.0:
-            return x
-        survival = 1.0 - self.p
-        size = [x.shape[0]] + [1] * (x.ndim - 1) if self.mode == "row" else [1] * x.ndim
-        noise = torch.empty(size, dtype=x.dtype, device=x.device).bernoulli_(survival, generator=self.generator)
-        if survival > 0.0:
-            noise.div_(survival)
-        return x * noise
-
-    def extra_repr(self) -> str:
-        return f"p={self.p}, mode={self.mode}"
-
-
-def draw_dropout_from(model: nn.Module, generator: torch.Generator) -> int:
-    """Replace every nn.Dropout, StochasticDepth and timm DropPath in `model` by the same layer
-    drawing from `generator`; returns how many were replaced.
-
-    Any other dropout flavour (a _DropoutNd, or a leaf module whose class name says "drop") would
-    draw from torch's process-wide generator, so it is refused.
-    """
-    replaced = 0
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (GeneratorDropout, GeneratorStochasticDepth)):
-            module.generator = generator
-            continue
-        swap = _generator_twin(module, generator)
-        if swap is None:
-            if isinstance(module, nn.modules.dropout._DropoutNd) or (
-                    "drop" in type(module).__name__.lower() and not any(module.children())):
-                raise Food101Error(f"{name} ({type(module).__name__}) would draw from torch's process-wide "
-                                   "generator, so its training would not be reproducible; only nn.Dropout, "
-                                   "StochasticDepth and timm's DropPath draw from a training's own generator: "
-                                   "choose another model (or set its rate to 0 in the model function)")
-            continue
-        parent_name, _, attr = name.rpartition(".")
-        swap.train(module.training)
-        setattr(model.get_submodule(parent_name) if parent_name else model, attr, swap)
-        replaced += 1
-    return replaced
-
-
-def _generator_twin(module: nn.Module, generator: torch.Generator) -> nn.Module | None:
-    """The layer drawing from `generator` that does what `module` does, or None when there is none."""
-    if type(module) is nn.Dropout:
-        return GeneratorDropout(module.p, module.inplace, generator)
-    if isinstance(module, StochasticDepth):
-        return GeneratorStochasticDepth(module.p, module.mode, generator)
-    # timm's DropPath is StochasticDepth in "row" mode (the survivors scaled when scale_by_keep).
-    if type(module).__name__ == "DropPath" and getattr(module, "scale_by_keep", None) is True:
-        return GeneratorStochasticDepth(float(module.drop_prob), "row", generator)
-    return None
 
 
 def normalization(name: str, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
