@@ -407,6 +407,9 @@ def load_champion_onnx(config: Config, precision: str | None = None, alias: str 
     from food101.model_server import ServedModel
 
     name, version, source, what, hint = _champion_version(config, alias, profile)
+    if version.tags.get(FORMAT_TAG) != FORMAT:
+        raise RegistryError(f"{what} is the ensemble {version.tags.get('model')}, which has no ONNX graph; "
+                            "use food101 predict --runtime torch")
     precision = _onnx_precision(version.tags, precision)
     if precision not in ONNX_PRECISIONS:
         raise RegistryError(f"precision {precision!r} is not one of {', '.join(ONNX_PRECISIONS)}")

@@ -161,3 +161,32 @@ def test_registered_ensemble_predicts_the_weighted_mean_of_its_member_versions(s
         assert entry["probability"] == pytest.approx(expected, abs=1e-5)
     with pytest.raises(registry.RegistryError, match="is the ensemble"):
         registry.load_champion(config)
+    with pytest.raises(registry.RegistryError, match="has no ONNX graph"):
+        registry.predict(config, [photo], runtime="onnx")
+
+
+def test_an_ensemble_in_the_demo_flow_appears_wherever_a_model_does(tmp_path, prefect_harness):
+    """The whole demo flow once, with an ensemble of two of its models (short training)."""
+    from flows.benchmark import benchmark
+    from tasks.report import read_summary
+    from tests.conftest import REPO, generated_overrides
+
+    name, members = "effnet_plus_mobilenet", ["efficientnet_b0", "mobilenet_v3_large"]
+    overrides = generated_overrides(tmp_path) | {
+        "ensembles": [{"name": name, "members": members}], "train.epochs": 2, "train.overrides": {}}
+    with single_torch_thread():
+        result = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
+    config = make_config(tmp_path, ensembles=overrides["ensembles"], train__epochs=2, train__overrides={})
+    assert set(result["ensembles"]) == {name} and result["failures"] == {}
+    summary = read_summary(config)
+    row = summary["models"][name]
+    assert row["top1_ci_low"] <= row["top1"] <= row["top1_ci_high"]
+    latencies = [summary["models"][m]["latency_cpu_p50_ms"] for m in members]
+    assert row["latency_cpu_p50_ms"] == pytest.approx(sum(latencies))
+    text = (config.paths.reports / "report.md").read_text()
+    assert f"`{name}` = mean of {' + '.join(members)}" in text
+    assert "sum of its members' batch-1 latencies" in text
+    tests = read_confusion(config)["significance"]
+    assert {frozenset((name, m)) for m in members} <= {frozenset((t["a"], t["b"])) for t in tests}
+    assert (config.paths.confusion / f"{name}_matrix.png").is_file()
+    assert name in result["registry"]["versions"]
