@@ -169,3 +169,24 @@ def test_every_dropout_of_a_model_draws_from_the_training_generator() -> None:
     assert all(m.generator is generator for m in modules if isinstance(m, (GeneratorDropout, GeneratorStochasticDepth)))
     with pytest.raises(Food101Error, match="Dropout2d"):
         draw_dropout_from(nn.Sequential(nn.Dropout2d(0.1)), generator)
+
+
+def test_timm_drop_path_draws_from_the_training_generator_and_unknown_dropouts_are_refused() -> None:
+    from timm.layers import DropBlock2d, DropPath
+
+    generator = torch.Generator().manual_seed(0)
+    model = build_model("timm:resnet10t", 5, pretrained=False)
+    model.layer1[0].drop_path = DropPath(0.5)
+    assert draw_dropout_from(model, generator) == 1
+    assert isinstance(model.layer1[0].drop_path, GeneratorStochasticDepth)
+    before = torch.random.get_rng_state()
+    model.train()(torch.zeros(4, 3, 32, 32))
+    assert torch.equal(before, torch.random.get_rng_state())
+    # timm's DropPath semantics: whole rows dropped, survivors scaled by 1/keep.
+    x = torch.ones(8, 2, 3, 3)
+    ours = GeneratorStochasticDepth(0.5, "row", torch.Generator().manual_seed(1)).train()(x)
+    assert set(ours.flatten().tolist()) <= {0.0, 2.0} and (ours.flatten(1).std(1) == 0).all()
+
+    for refused in (DropBlock2d(0.1, 3), DropPath(0.1, scale_by_keep=False)):
+        with pytest.raises(Food101Error, match=type(refused).__name__):
+            draw_dropout_from(nn.Sequential(nn.Conv2d(3, 3, 1), refused), generator)
