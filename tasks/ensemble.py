@@ -13,6 +13,7 @@ is the sum of its members' batch-1 latencies: the members run one after the othe
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,10 +40,17 @@ from tasks.preprocess import open_cache
 log = logging.getLogger(__name__)
 
 ENSEMBLE_FILE = "ensemble.json"
+RECORD_SUFFIX = "-ensembles.json"  # beside paths.eval: the stage's one output DVC can order on
 
 
 class EnsembleInputError(Food101Error):
     """Members' saved outputs do not fit together or with the cache."""
+
+
+def record_path(config: Config) -> Path:
+    """What the stage scored and skipped, beside (not inside) paths.eval: DVC refuses an output
+    inside a stage's own dependency, and confusion and report must run after this stage."""
+    return config.paths.eval.with_name(config.paths.eval.name + RECORD_SUFFIX)
 
 
 def ensemble_names(config: Config) -> list[str]:
@@ -122,4 +130,6 @@ def ensemble(config: Config, models: list[str] | None = None, parent_run_id: str
             log.error("ensemble %s is out of this benchmark: %s", spec.name, skipped[spec.name])
             continue
         done[spec.name] = evaluate_ensemble(config, spec, parent_run_id)
-    return {"ensembles": done, "skipped": skipped}
+    result = {"ensembles": done, "skipped": skipped}
+    write_json(record_path(config), result)
+    return result

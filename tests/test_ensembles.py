@@ -7,10 +7,10 @@ import pytest
 
 from food101 import ensembles
 from food101.config import ConfigError
-from food101.io import write_npy
+from food101.io import read_json, write_npy
 from tasks import evaluate as ev
 from tasks.confusion import confusion, read_confusion
-from tasks.ensemble import ensemble, read_ensemble
+from tasks.ensemble import ensemble, read_ensemble, record_path
 from tasks.preprocess import open_cache
 from tests.conftest import make_config, single_torch_thread
 from tests.test_evaluate import FAST, TINY_MODELS, build_sample_cache, write_trained_model
@@ -36,6 +36,7 @@ def scored(tmp_path_factory):
 def test_mean_ensemble_probabilities_are_the_mean_of_the_members_saved_ones(scored):
     config, result = scored
     assert set(result["ensembles"]) == {MEAN, WEIGHTED} and result["skipped"] == {}
+    assert set(read_json(record_path(config))["ensembles"]) == {MEAN, WEIGHTED}
     members = [ev.read_probs(config, m) for m in TINY_MODELS]
     expected = (members[0].astype(np.float64) + members[1]) / 2
     np.testing.assert_allclose(ev.read_probs(config, MEAN), expected, atol=1e-6)
@@ -190,3 +191,16 @@ def test_an_ensemble_in_the_demo_flow_appears_wherever_a_model_does(tmp_path, pr
     assert {frozenset((name, m)) for m in members} <= {frozenset((t["a"], t["b"])) for t in tests}
     assert (config.paths.confusion / f"{name}_matrix.png").is_file()
     assert name in result["registry"]["versions"]
+
+
+def test_dvc_orders_confusion_and_report_after_the_ensemble_stage():
+    """confusion and report read ensembles' folders: in dvc.yaml they depend on the stage's output."""
+    import yaml
+
+    from tests.conftest import REPO
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    [output] = [next(iter(o)) if isinstance(o, dict) else o for o in stages["ensemble"]["outs"]]
+    assert output == "${paths.eval}-ensembles.json"
+    for later in ("confusion", "report"):
+        assert output in stages[later]["deps"] and "ensembles" in stages[later]["params"]
