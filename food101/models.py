@@ -149,7 +149,12 @@ def _checked_module(model: object, name: str) -> nn.Module:
 
 
 def normalization(name: str, pretrained: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """(mean, std) of the input normalisation in 0..1 units, as the model's source gives it."""
+    """(mean, std) of the input normalisation in 0..1 units, as the model's source gives it.
+
+    A torchvision name (no ':') from scratch is ImageNet's without looking the name up.
+    """
+    if not pretrained and ":" not in name:
+        return IMAGENET_MEAN, IMAGENET_STD
     mean, std = resolve_model(name).normalization(pretrained)
     return tuple(float(v) for v in mean), tuple(float(v) for v in std)
 
