@@ -12,6 +12,7 @@ is the sum of its members' batch-1 latencies: the members run one after the othe
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -123,13 +124,16 @@ def ensemble(config: Config, models: list[str] | None = None, parent_run_id: str
     evaluated = list(models if models is not None else config.models)
     done: dict[str, dict[str, Any]] = {}
     skipped: dict[str, str] = {}
-    for spec in config.ensembles:
-        missing = [m for m in spec.members if m not in evaluated]
-        if missing:
-            skipped[spec.name] = f"members not evaluated: {', '.join(missing)}"
-            log.error("ensemble %s is out of this benchmark: %s", spec.name, skipped[spec.name])
-            continue
-        done[spec.name] = evaluate_ensemble(config, spec, parent_run_id)
-    result = {"ensembles": done, "skipped": skipped}
-    write_json(record_path(config), result)
+    params = {"ensembles": [dataclasses.asdict(e) for e in config.ensembles]}
+    with stage_run(config, "ensemble", parent_run_id, params=params) as run:  # one per stage, as the others
+        for spec in config.ensembles:
+            missing = [m for m in spec.members if m not in evaluated]
+            if missing:
+                skipped[spec.name] = f"members not evaluated: {', '.join(missing)}"
+                log.error("ensemble %s is out of this benchmark: %s", spec.name, skipped[spec.name])
+                continue
+            done[spec.name] = evaluate_ensemble(config, spec, parent_run_id)
+        result = {"ensembles": done, "skipped": skipped}
+        run.log_metrics({"ensembles_scored": len(done), "ensembles_skipped": len(skipped)})
+        run.log_artifact(write_json(record_path(config), result))
     return result
