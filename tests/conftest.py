@@ -111,6 +111,24 @@ def sample_manifest(root: Path = SAMPLE, repeat: int = 1, rows: int | None = Non
     return frame if rows is None else frame.iloc[:rows]
 
 
+def assert_same_predictions(expected_eval: Path, actual_eval: Path, models: list[str]) -> None:
+    """Every test photo's label, prediction and top-5 are identical between two evaluation folders;
+    the probabilities agree to float32 rounding (oneDNN's CPU kernels may round the last bit
+    differently from one process to the next)."""
+    import numpy as np
+    import pandas as pd
+
+    from tasks.evaluate import PREDICTIONS_FILE
+
+    exact = ["path", "label", "pred", "correct", "top5_labels"]
+    for model in models:
+        expected = pd.read_parquet(expected_eval / model / PREDICTIONS_FILE)
+        actual = pd.read_parquet(actual_eval / model / PREDICTIONS_FILE)
+        pd.testing.assert_frame_equal(actual[exact], expected[exact], check_exact=True, obj=f"{model} predictions")
+        difference = np.abs(np.stack(actual["top5_probs"]) - np.stack(expected["top5_probs"])).max()
+        assert difference <= 1e-6, f"{model}: probabilities differ by up to {difference:.2e}"
+
+
 def assert_overfits_one_batch(trainer, x, y, max_steps: int = 60) -> None:
     """Train on the one batch (x, y) until the loss is down 90%, failing after `max_steps`: the
     guard against the old system's 12% (a pipeline that cannot even memorise ten photos)."""

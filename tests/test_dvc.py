@@ -83,6 +83,17 @@ def test_dvc_metrics_show_reads_the_summary(dvc_project):
     assert "top1" in shown.stdout
 
 
+def test_the_flow_with_the_same_params_predicts_what_dvc_repro_predicted(dvc_project, tmp_path, prefect_harness):
+    """`food101 run` and `dvc repro` are two ways into one DAG: the same per-photo predictions."""
+    from flows.benchmark import benchmark
+    from tests.conftest import assert_same_predictions, generated_overrides
+
+    root, _, _ = dvc_project
+    result = benchmark(params_file=str(root / "params.yaml"), overrides=generated_overrides(tmp_path))
+    assert result["failures"] == {}
+    assert_same_predictions(root / "artifacts" / "eval", tmp_path / "artifacts" / "eval", list(result["models"]))
+
+
 def test_dvc_exp_run_sweeps_a_parameter_and_exp_show_lists_it(dvc_project):
     root, env, _ = dvc_project
     # Only evaluation and what follows depend on evaluate.*: a cheap, real experiment.

@@ -1,0 +1,116 @@
+"""A benchmark's numbers do not depend on how it ran: twice, killed and resumed, or through `dvc repro`.
+
+These drive the real command line in subprocesses, as a user would, and compare every model's
+per-photo test predictions with those of the session's uninterrupted demo run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import REPO, assert_same_predictions, generated_overrides
+
+pytestmark = pytest.mark.slow
+
+FOOD101 = str(Path(sys.executable).parent / "food101")
+KILLS = 5
+# Seconds after start at which each attempt is killed: seeded, so a failure can be replayed.
+KILL_AFTER_S = sorted(random.Random(0).uniform(8.0, 35.0) for _ in range(KILLS))
+RUN_TIMEOUT_S = 900
+
+
+def cli_env() -> dict[str, str]:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("FOOD101_PARAMS", None)
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh Prefect home on busy cores
+    return env
+
+
+def run_command(root: Path) -> list[str]:
+    sets = sum((["--set", f"{k}={v}"] for k, v in generated_overrides(root).items()), [])
+    return [FOOD101, "run", "--profile", "demo", "--params", str(REPO / "params.yaml"), *sets]
+
+
+def accuracy_numbers(summary_path: Path) -> dict[str, dict[str, float]]:
+    """The accuracy figures of reports/summary.json (timings vary from run to run by nature)."""
+    summary = json.loads(summary_path.read_text())
+    keep = ("top1", "top1_ci_low", "top1_ci_high", "top5", "macro_f1", "ece", "n_test")
+    return {model: {k: v for k, v in row.items() if k in keep} for model, row in summary["models"].items()}
+
+
+def running_mlflow_runs(tracking_db: Path) -> list[str]:
+    client = MlflowClient(f"sqlite:///{tracking_db}")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(experiments, filter_string="attributes.status = 'RUNNING'", max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
+def leftover_temp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if ".tmp-" in p.name]
+
+
+def test_a_second_demo_run_gives_identical_predictions(demo_run, tmp_path: Path):
+    root = tmp_path / "again"
+    done = subprocess.run(run_command(root), env=cli_env(), capture_output=True, text=True,
+                          timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+    config = demo_run["config"]
+    assert_same_predictions(config.paths.eval, root / "artifacts" / "eval", config.models)
+
+
+def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(demo_run, tmp_path: Path):
+    root = tmp_path / "killed"
+    command, env = run_command(root), cli_env()
+    descendants: set[int] = set()
+    for attempt, delay in enumerate(KILL_AFTER_S, 1):
+        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + delay
+        while time.monotonic() < deadline and proc.poll() is None:
+            descendants |= {child.pid for child in psutil.Process(proc.pid).children(recursive=True)}
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            pytest.fail(f"attempt {attempt} ended by itself before its kill at {delay:.1f} s: "
+                        f"{proc.stderr.read()[-2000:]}")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        proc.stderr.close()
+
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+    config = demo_run["config"]
+    assert_same_predictions(config.paths.eval, root / "artifacts" / "eval", config.models)
+    assert accuracy_numbers(root / "reports" / "summary.json") == accuracy_numbers(
+        config.paths.reports / "summary.json")
+    assert leftover_temp_files(root) == []
+    assert running_mlflow_runs(root / "mlflow.db") == []
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in descendants if psutil.pid_exists(pid) and _not_zombie(pid)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive == [], f"processes of killed runs still alive: {[_describe(p) for p in alive]}"
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _describe(pid: int) -> str:
+    try:
+        return f"{pid} {' '.join(psutil.Process(pid).cmdline())[:200]}"
+    except psutil.NoSuchProcess:
+        return f"{pid} (gone)"
