@@ -393,6 +393,8 @@ def _set_dotted(target: dict, dotted: str, value: Any, schema: dict) -> None:
     parts = dotted.split(".")
     node, ref = target, schema
     free_form = dotted.startswith("train.overrides.")  # per-model maps are checked when built
+    if free_form and len(parts) > 4:  # a model name with dots (package.module:function): the key is last
+        parts = [*parts[:2], ".".join(parts[2:-1]), parts[-1]]
     for depth, part in enumerate(parts):
         if not free_form and isinstance(ref, dict) and part not in ref:
             where = ".".join(parts[:depth]) or "the top level"

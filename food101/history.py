@@ -612,6 +612,11 @@ def _metrics_from_run(run: Any) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
     for key, value in run.data.metrics.items():
         model, dot, metric = key.partition(".")
+        # Model names may hold dots themselves (timm tags, package.module:function): the longest known one.
+        named = [m for m in models or () if key.startswith(f"{m}.")]
+        if named:
+            model = max(named, key=len)
+            metric = key[len(model) + 1:]
         if dot and (models is None or model in models):
             out.setdefault(model, {})[metric] = value
     return out

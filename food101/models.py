@@ -2,8 +2,9 @@
 
 A name in `models:` is one of three kinds, told apart by its syntax alone:
 
-- `resnet50`, `resnet50@IMAGENET1K_V1`: a torchvision classification model, with the weights enum
-  member named after `@` (default: the best ImageNet weights torchvision publishes);
+- `resnet50`, `resnet50.IMAGENET1K_V1`: a torchvision classification model, with the weights enum
+  member named after a dot, as timm names its tags (default: the best ImageNet weights torchvision
+  publishes). Not `@`: MLflow refuses it in the metric and parameter names that carry model names;
 - `timm:convnext_atto`, `timm:resnet18.a1_in1k`: a timm model (the optional `timm` extra), its
   weights as timm provides them (the Hugging Face cache, or $TORCH_HOME/hub/checkpoints);
 - `package.module:function`: an in-house network, `function(num_classes=, pretrained=)` returning
@@ -545,7 +546,7 @@ def resolve_model(name: str) -> ModelSource:
             raise UnknownModel(f"{name!r}: a model function is named package.module:function")
         _import_callable(name, module_name, function)
         return CallableModel(name, module_name, function)
-    arch, _, weights_name = name.partition("@")
+    arch, _, weights_name = name.partition(".")
     known = torchvision_names()
     if arch not in known:
         raise UnknownModel(f"{name!r} is not a torchvision classification model{_closest(arch, known)} "

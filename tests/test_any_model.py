@@ -81,8 +81,8 @@ def test_head_is_found_and_replaced_in_every_family(arch: str, head_name: str) -
         assert model.eval()(torch.zeros(2, 3, 224, 224, device=device)).shape == (2, 7)
 
 
-def test_weights_named_after_at_give_their_own_preprocessing() -> None:
-    source = resolve_model("vit_b_16@IMAGENET1K_SWAG_E2E_V1")
+def test_weights_named_after_a_dot_give_their_own_preprocessing() -> None:
+    source = resolve_model("vit_b_16.IMAGENET1K_SWAG_E2E_V1")
     assert source.weights().name == "IMAGENET1K_SWAG_E2E_V1" and source.input_size() == 384
     assert resolve_model("vit_b_16").input_size() == 224
     assert normalization("timm:resnet10t", pretrained=True) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
@@ -98,7 +98,7 @@ def test_weights_named_after_at_give_their_own_preprocessing() -> None:
     (["food101.contrib.lite0:efficientnet_lite"], "has no function 'efficientnet_lite'; did you mean "
                                                   "'efficientnet_lite0'"),
     (["food101.contrib.lit0:efficientnet_lite0"], "cannot import module 'food101.contrib.lit0'"),
-    (["resnet50@IMAGENET1K_V3"], "resnet50 has no weights 'IMAGENET1K_V3' (it has IMAGENET1K_V1"),
+    (["resnet50.IMAGENET1K_V3"], "resnet50 has no weights 'IMAGENET1K_V3' (it has IMAGENET1K_V1"),
 ])
 def test_a_name_that_resolves_to_nothing_stops_at_load_config(tmp_path: Path, models: list[str], message: str):
     with pytest.raises(ConfigError) as caught:
@@ -107,11 +107,11 @@ def test_a_name_that_resolves_to_nothing_stops_at_load_config(tmp_path: Path, mo
 
 
 def test_overrides_of_every_kind_are_checked_and_applied(tmp_path: Path) -> None:
-    overrides = {"timm:resnet10t": {"lr": 0.01}, LITE0: {"pretrained": True}, "resnet50@IMAGENET1K_V1": {"epochs": 3}}
+    overrides = {"timm:resnet10t": {"lr": 0.01}, LITE0: {"pretrained": True}, "resnet50.IMAGENET1K_V1": {"epochs": 3}}
     config = make_config(tmp_path, models=["timm:resnet10t", LITE0], train__overrides=overrides)
     assert config.train.for_model("timm:resnet10t").lr == 0.01
     assert config.train.for_model(LITE0).pretrained is True
-    assert config.train.for_model("resnet50@IMAGENET1K_V1").epochs == 3
+    assert config.train.for_model("resnet50.IMAGENET1K_V1").epochs == 3
     with pytest.raises(ConfigError, match="train.overrides: 'timm:resnet10tt' is not a timm model"):
         make_config(tmp_path, train__overrides={"timm:resnet10tt": {"lr": 0.01}})
 
@@ -273,3 +273,27 @@ def test_dvc_fans_out_over_names_of_every_kind(tmp_path: Path) -> None:
         for model in models:
             assert f"{stage}@{model} " in listed.stdout
     assert f"models/{LITE0}" in listed.stdout
+
+
+def test_set_reaches_the_overrides_of_a_name_with_dots(tmp_path: Path) -> None:
+    from food101.config import load_config
+
+    overrides = [*(f"{k}={v}" for k, v in generated_overrides(tmp_path).items()),
+                 f"models=[resnet18, '{LITE0}']", f"train.overrides.{LITE0}.lr=0.02",
+                 "train.overrides.timm:resnet18.a1_in1k.epochs=3"]
+    config = load_config(REPO / "params.yaml", profile="demo", overrides=overrides)
+    assert config.train.for_model(LITE0).lr == 0.02
+    assert config.train.for_model("timm:resnet18.a1_in1k").epochs == 3
+
+
+def test_history_reads_back_the_metrics_of_names_with_dots() -> None:
+    from mlflow.entities import Metric, Run, RunData, RunInfo, RunTag
+
+    from food101.history import _metrics_from_run
+
+    models = ["resnet18", LITE0, "timm:resnet18.a1_in1k", "timm:resnet18"]
+    data = RunData(metrics=[Metric(f"{m}.top1", 0.1 * k, 0, 0) for k, m in enumerate(models)],
+                   tags=[RunTag("benchmark_models", json.dumps(models))])
+    info = RunInfo("r", "0", "u", "FINISHED", 0, 0, "active")
+    read = _metrics_from_run(Run(info, data))
+    assert read == {m: {"top1": 0.1 * k} for k, m in enumerate(models)}
