@@ -297,3 +297,16 @@ def test_history_reads_back_the_metrics_of_names_with_dots() -> None:
     info = RunInfo("r", "0", "u", "FINISHED", 0, 0, "active")
     read = _metrics_from_run(Run(info, data))
     assert read == {m: {"top1": 0.1 * k} for k, m in enumerate(models)}
+
+
+def test_models_command_lists_names_with_parameters_and_weights() -> None:
+    from typer.testing import CliRunner
+
+    from food101.cli import app
+
+    listed = CliRunner().invoke(app, ["models", "--filter", "resnet1"])
+    assert listed.exit_code == 0, listed.output
+    rows = {line.split()[0]: line.split()[1:] for line in listed.output.splitlines()[1:]}
+    assert rows["resnet18"][:3] == ["11.7M", "224", "ResNet18_Weights.IMAGENET1K_V1"]
+    assert rows["timm:resnet10t"][:3] == ["5.4M", "176", "timm/resnet10t.c3_in1k"]
+    assert "resnet50" not in rows
