@@ -81,6 +81,23 @@ def test_head_is_found_and_replaced_in_every_family(arch: str, head_name: str) -
         assert model.eval()(torch.zeros(2, 3, 224, 224, device=device)).shape == (2, 7)
 
 
+def test_every_torchvision_classifier_gets_our_head_and_reproducible_dropout() -> None:
+    from food101.models import _parameters_on_meta, draw_dropout_from, private_generator, torchvision_names
+
+    names = torchvision_names()
+    assert len(names) >= 80
+    for name in names:
+        source = resolve_model(name)
+        try:
+            with torch.device("meta"):
+                model = source.architecture(7)
+        except NotImplementedError:  # RegNet: its parameters on meta, the rest built for real
+            with _parameters_on_meta(), private_generator(0):
+                model = source.architecture(7)
+        assert classifier_head(model)[0] == classifier_head(model, num_outputs=7)[0], name
+        draw_dropout_from(model, torch.Generator())  # refuses any dropout it cannot redirect
+
+
 def test_weights_named_after_a_dot_give_their_own_preprocessing() -> None:
     source = resolve_model("vit_b_16.IMAGENET1K_SWAG_E2E_V1")
     assert source.weights().name == "IMAGENET1K_SWAG_E2E_V1" and source.input_size() == 384
