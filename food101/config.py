@@ -520,7 +520,7 @@ _TRAIN_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "freeze_backbone_epochs": _at_least(0),
     "min_scale": _FRACTION_OPEN_BOTTOM,
     "backbone_lr_scale": _FRACTION_OPEN_BOTTOM,  # the backbone's LR / the head's
-    "early_stopping_patience": _at_least(1),
+    "early_stopping_patience": _at_least(0),  # 0 turns early stopping off (engine.fit)
     "seed": _at_least(0),
     "seeds": _at_least(1),
     "max_steps_per_epoch": _at_least(1),

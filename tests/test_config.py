@@ -114,7 +114,7 @@ def test_cli_reports_a_missing_earlier_stage_without_a_traceback(tmp_path: Path)
         ("train.momentum=-0.5", r"train.momentum must be in \[0, 1\)"),
         ("train.warmup_epochs=-1", "train.warmup_epochs must be at least 0"),
         ("train.freeze_backbone_epochs=-1", "train.freeze_backbone_epochs must be at least 0"),
-        ("train.early_stopping_patience=0", "train.early_stopping_patience must be at least 1"),
+        ("train.early_stopping_patience=-1", "train.early_stopping_patience must be at least 0"),
         ("train.image_size=8", "train.image_size must be at least 16"),
         ("train.seed=-3", "train.seed must be at least 0"),
         ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be at least 1"),
@@ -158,6 +158,14 @@ def test_impossible_values_are_refused_with_the_parameter_named(override, messag
 )
 def test_md5_is_free_only_for_sources_without_the_official_archive(override):
     load_config(REPO / "params.yaml", profile="demo", overrides=[override])  # source: sample
+
+
+def test_patience_zero_is_accepted_and_means_no_early_stopping():
+    from food101.engine import _patience_ran_out
+
+    recipe = load_config(REPO / "params.yaml", overrides=["train.early_stopping_patience=0"]).train
+    assert recipe.early_stopping_patience == 0
+    assert not _patience_ran_out(recipe, last_epoch=9, best_epoch=1)
 
 
 def test_every_profile_passes_the_range_checks():
