@@ -4,6 +4,7 @@ presented as rankings, no "1 points")."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -142,3 +143,20 @@ def test_every_rendered_sentence_is_well_formed(text: str):
     for sentence in re.split(r"(?<=\.)\s+", text):
         first = sentence.lstrip("*`[")[0]
         assert first.isupper() or first.isdigit(), f"sentence starts in lower case: {sentence!r}"
+
+
+@pytest.mark.slow
+def test_the_demo_reports_summary_and_recommendations_say_the_same_thing(demo_run):
+    """The real report: one model and one reason in both places, the reason written by the rules."""
+    from tests.test_report import sections
+
+    reports = demo_run["config"].paths.reports
+    summary = json.loads((reports / "summary.json").read_text())
+    found = sections((reports / "report.md").read_text())
+    model, reason = summary["recommended"], summary["recommended_because"]
+    assert f"**Deploy {model}.** {reason}" in found["Executive summary"]
+    recommendations = found["Recommendations"]
+    assert f"Recommended for deployment: {model}" in recommendations
+    assert reason in recommendations
+    for text in (reason, found["Executive summary"].split("\n\n")[-1].strip()):
+        assert "It is no" not in text and "0.0 point" not in text

@@ -21,9 +21,9 @@ from tests.conftest import make_config
 from tests.report_fixtures import MODEL_SPECS, write_upstream_outputs
 
 SECTIONS = [
-    "Contents", "Executive summary", "Recommendations", "Summary table", "Accuracy vs cost", "Learning curves",
-    "Best and worst classes", "Where the models fail", "Since the last benchmark", "Data validation", "Failures",
-    "Environment",
+    "Contents", "Executive summary", "Recommendations", "Summary table", "Accuracy vs cost", "Deployment",
+    "Learning curves", "Best and worst classes", "Where the models fail", "Robustness", "Since the last benchmark",
+    "Data validation", "Failures", "Environment",
 ]
 
 
