@@ -7,7 +7,7 @@ import json
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.benchmark import STAGES
+from flows.benchmark import PER_MODEL_STAGES, STAGES
 from food101.tracking import tracking_uri
 
 pytestmark = pytest.mark.slow
@@ -41,7 +41,7 @@ def test_mlflow_holds_the_parent_run_and_a_nested_run_per_stage_and_model(demo_r
     assert len(children) >= 9
     seen = {(run.data.tags["stage"], run.data.tags.get("model")) for run in children}
     for stage in STAGES:
-        if stage in ("train", "evaluate"):
+        if stage in PER_MODEL_STAGES:
             for model in config.models:
                 assert (stage, model) in seen
         else:

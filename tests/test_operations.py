@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from flows.benchmark import benchmark, flow_for
+from flows.benchmark import PER_MODEL_STAGES, benchmark, flow_for
 from tests.conftest import REPO, generated_overrides, make_config
 from tests.test_deployment import call, free_port, healthy, make_server, process, wait_until
 from tests.test_dvc import project_copy, run
@@ -100,10 +100,10 @@ def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefe
     structure = child_structure(dask_client, by_dask["parent_run_id"])
     assert structure == child_structure(threads_client, by_threads["parent_run_id"])
     assert len(structure) >= 9
-    # Mapped stages (train, evaluate) ran in the Dask worker processes, the rest in this one; with
+    # Per-model stages (train, evaluate, export, robustness) ran in the Dask workers, the rest here; with
     # the thread runner, everything ran here.
     assert os.getpid() not in worker_pids and len(worker_pids) == 2
-    mapped = {"train", "evaluate"}
+    mapped = set(PER_MODEL_STAGES)
     by_worker = stage_pids(dask_client, by_dask["parent_run_id"])
     assert {key for key, pid in by_worker.items() if pid in worker_pids} == {k for k in by_worker if k[0] in mapped}
     assert {pid for key, pid in by_worker.items() if key[0] not in mapped} == {os.getpid()}

@@ -99,7 +99,7 @@ def test_executive_summary_names_the_more_robust_model_only_when_it_differs():
     ("robustness.corruptions=[gausian_blur]", "did you mean 'gaussian_blur'?"),
     ("robustness.severities=[1, 6]", "6 is not a severity; robustness.levels lists severities 1-5; did you mean 5?"),
     ("robustness.levels.jpeg=[50, 30]", "robustness.levels.jpeg must list 5 strengths"),
-    ("robustness.baseline_model=resnet5", "did you mean 'resnet50'?"),
+    ("robustness.baseline_model=resnet5", "did you mean 'resnet50'"),
 ])
 def test_bad_robustness_settings_stop_at_load_config(tmp_path, override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("?", r"\?").replace("[", r"\[")):

@@ -7,6 +7,7 @@ local port that refuses connections makes every download fail at once, online an
 from __future__ import annotations
 
 import socket
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def no_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, one_thread) -> 
             monkeypatch.setenv(name, proxy)
         for name in ("no_proxy", "NO_PROXY"):
             monkeypatch.delenv(name, raising=False)
+        # urlopen keeps the opener (and the proxies it read) of its first call: start a fresh one.
+        monkeypatch.setattr(urllib.request, "_opener", None)
         yield home
 
 
