@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from food101.config import Config
+from food101.config import Config, Paths
 from food101.env import STATE_DIR
 from food101.errors import Food101Error
 
@@ -43,9 +43,12 @@ LOCK_NAME = "run.lock"
 # The names food101.io gives temporary files and staging folders: `.<final name>.tmp-<random>`.
 TEMP_NAME = re.compile(r"^\..+\.tmp-[A-Za-z0-9_]+$")
 # Generated paths (config.paths) that are folders; the rest are single files. `sample` is input.
-FOLDER_OUTPUTS = ("raw", "manifest", "cache", "models", "eval", "confusion", "reports")
 FILE_OUTPUTS = ("dataset",)
 NOT_OUTPUTS = ("sample",)
+TRACKING = ("tracking_db", "tracking_artifacts")  # MLflow's own files: it writes no .tmp-* names
+# Every other paths.* is a folder a stage writes through food101.io (a new stage's folder included).
+FOLDER_OUTPUTS = tuple(f.name for f in dataclasses.fields(Paths)
+                       if f.name not in NOT_OUTPUTS + FILE_OUTPUTS + TRACKING)
 
 T = TypeVar("T")
 

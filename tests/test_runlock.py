@@ -115,8 +115,11 @@ def test_next_holder_cleans_up_after_a_killed_run(tmp_path):
     stale_file = tmp_path / "artifacts" / "models" / "m" / ".checkpoint.pt.tmp-abcd1234"
     stale_dir = tmp_path / "data" / ".raw.tmp-k2j3h4g5"
     stale_sibling = tmp_path / "data" / ".dataset.json.tmp-zzzz9999"
+    # Every stage's folder counts, the later stages' too (a killed export left these once).
+    stale_export = tmp_path / "artifacts" / "export" / ".resnet50.tmp-p4jk3fpn"
+    stale_robustness = tmp_path / "artifacts" / "robustness" / ".resnet50.tmp-q8w7e6r5"
     kept = tmp_path / "data" / "raw" / "food-101.tar.gz.part"
-    for path in (stale_file, stale_sibling, kept):
+    for path in (stale_file, stale_sibling, kept, stale_export, stale_robustness):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text("x")
     (stale_dir / "images").mkdir(parents=True)
@@ -125,6 +128,7 @@ def test_next_holder_cleans_up_after_a_killed_run(tmp_path):
         pass
 
     assert not stale_file.exists() and not stale_dir.exists() and not stale_sibling.exists()
+    assert not stale_export.exists() and not stale_robustness.exists()
     assert kept.exists(), "a resumable partial download is not a temporary file"
     fresh = MlflowClient(f"sqlite:///{config.paths.tracking_db}")
     assert fresh.get_run(dead_run).info.status == "KILLED"
