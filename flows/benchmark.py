@@ -133,9 +133,10 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     failures.update({name: reason for name, reason in ensembles["skipped"].items()})
     compared = models + list(ensembles["ensembles"])  # ensembles appear wherever a model does
     stage["confusion"](config, compared, parent_run_id)
-    robustness_failures = _wait_robustness(robust)  # its figures are compared with the last benchmark's
+    # Robustness before the comparison: its figures are compared with the last benchmark's.
+    robustness_failures = _wait_per_model(robust, "robustness", "robustness results")
     comparison = compare_with_previous(config, parent_run_id, compared)
-    export_failures = _wait_exports(exports)
+    export_failures = _wait_per_model(exports, "export", "deployable export")
     published = stage["report"](config, compared, failures, parent_run_id)  # renders the comparison too
     dvc = record_outputs(config) if not failures and not robustness_failures and not export_failures else None
     if dvc is not None:
@@ -192,25 +193,15 @@ def compare_with_previous(config: Config, parent_run_id: str, models: list[str])
     return comparison
 
 
-def _wait_exports(futures: dict[str, Any]) -> dict[str, str]:
-    """Wait for every export[model]; a failed one is logged (export.json records it for the report)."""
+def _wait_per_model(futures: dict[str, Any], stage: str, missing: str) -> dict[str, str]:
+    """Wait for every `stage`[model] beside the main line (export, robustness); a failed one is
+    logged and returned, and the others stand (its own output file records it for the report)."""
     failed = {}
     for model, future in futures.items():
         future.wait()
         if not future.state.is_completed():
-            failed[model] = f"export failed: {_state_error(future.state)}"
-            log.error("model %s has no deployable export in this benchmark: %s", model, failed[model])
-    return failed
-
-
-def _wait_robustness(futures: dict[str, Any]) -> dict[str, str]:
-    """Wait for every robustness[model]; a failed one is logged and returned, the others stand."""
-    failed = {}
-    for model, future in futures.items():
-        future.wait()
-        if not future.state.is_completed():
-            failed[model] = f"robustness failed: {_state_error(future.state)}"
-            log.error("model %s has no robustness results in this benchmark: %s", model, failed[model])
+            failed[model] = f"{stage} failed: {_state_error(future.state)}"
+            log.error("model %s has no %s in this benchmark: %s", model, missing, failed[model])
     return failed
 
 

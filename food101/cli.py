@@ -118,8 +118,10 @@ def run(
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="download, validate, preprocess, train, evaluate, confusion or report.")],
-    model: Annotated[str | None, typer.Option("--model", "-m", help="The model, for train and evaluate.")] = None,
+    name: Annotated[str, typer.Argument(help="A stage of the DAG: download, validate, preprocess, train, evaluate, "
+                                             "export, robustness, ensemble, confusion or report.")],
+    model: Annotated[str | None, typer.Option(
+        "--model", "-m", help="The model, for the per-model stages (train, evaluate, export, robustness).")] = None,
     profile: ProfileOpt = None,
     set_: SetOpt = None,
     params: ParamsOpt = None,
