@@ -2,13 +2,13 @@
 
 Both apply every corruption of params.yaml's `robustness:` at one severity to the same real
 photos (data/sample decoded to `--size` px squares, replicated to `--images`), from the uint8
-array the cache holds to a uint8 array again. The stage's path is `tasks.robustness.corrupt` on
+array the cache holds to a uint8 array again. The stage's path is `food101.corruptions.corrupt` on
 batches of `--batch` photos on `--device`; the baseline opens each photo as a PIL image and uses
 PIL's own operations (ImageEnhance, GaussianBlur, a 5x5 kernel for motion blur, JPEG through
 BytesIO, resize, rotate, a drawn rectangle, crop) with numpy noise. No model runs: this measures
 the corruptions, not the classification (which is evaluate's forward pass, timed there).
 
-    .venv/bin/python benchmarks/robustness_throughput.py [--images 512] [--size 224] [--severity 3]
+    .venv/bin/python benchmarks/robustness_throughput.py [--images 512] [--size 224] [--severity 3] [--device cuda]
 
 The last line printed is one JSON object; `ratio` is batched images/s over the PIL loop's.
 """
@@ -36,7 +36,7 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter  # noqa: E402
 
 from food101.config import RobustnessConfig, load_config  # noqa: E402
-from tasks.robustness import Draws, condition_seed, corrupt, photo_uniforms  # noqa: E402
+from food101.corruptions import Draws, condition_seed, corrupt, photo_uniforms  # noqa: E402
 
 
 def sample_photos(count: int, size: int) -> np.ndarray:
@@ -125,6 +125,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = load_config(REPO / "params.yaml").robustness
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
     images = sample_photos(args.images, args.size)
     batched(images[: args.batch], settings, args.severity, args.batch, device)  # warm-up
     pil_loop(images[:8], settings, args.severity)
@@ -134,6 +136,7 @@ def main() -> None:
     print(json.dumps({
         "benchmark": "robustness_throughput", "images": args.images, "size": args.size,
         "corruptions": len(settings.corruptions), "severity": args.severity, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "batched_ips": round(work / fast, 1), "pil_loop_ips": round(work / slow, 1), "ratio": round(slow / fast, 2),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
         "torch": torch.__version__,

@@ -198,3 +198,29 @@ def test_per_photo_frame_has_one_row_per_photo_and_condition():
 def test_a_demo_config_selects_a_subset(tmp_path):
     config = make_config(tmp_path, robustness__corruptions=["jpeg"], robustness__severities=[5])
     assert config.robustness.corruptions == ["jpeg"] and config.robustness.severities == [5]
+
+
+def test_the_throughput_benchmark_runs_without_the_pipeline_stack():
+    """The GPU machines that run benchmarks/robustness_throughput.py have no Prefect, MLflow or kornia."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    blocked = ["prefect", "mlflow", "great_expectations", "dvc", "starlette", "uvicorn", "kornia", "dask"]
+    script = (
+        "import runpy, sys\n"
+        f"BLOCKED = {blocked!r}\n"
+        "class Blocker:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in BLOCKED:\n"
+        "            raise ImportError(f'blocked: {name}')\n"
+        "sys.meta_path.insert(0, Blocker())\n"
+        "sys.argv = ['robustness_throughput.py', '--images', '4', '--size', '32', '--batch', '4', '--repeats', '1']\n"
+        "runpy.run_path('benchmarks/robustness_throughput.py', run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["device"] == "cpu" and result["ratio"] > 0
