@@ -42,14 +42,14 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from food101.cache import Cache, build_cache, load_cache  # noqa: E402
 from food101.config import TrainConfig, load_config, parse_override  # noqa: E402
+from food101.dataset import read_meta, select_rows  # noqa: E402
 from food101.devices import resolve_device  # noqa: E402
 from food101.engine import fit, make_trainer  # noqa: E402
 from food101.feed import BatchFeed  # noqa: E402
 from food101.metrics import Interval, bootstrap_ci  # noqa: E402
 from food101.models import build_model, classifier_head, normalization, replace_head  # noqa: E402
-from tasks.preprocess import Cache, build_cache, load_cache  # noqa: E402
-from tasks.validate import read_meta, select_rows  # noqa: E402
 
 log = logging.getLogger("transfer_recipe")
 

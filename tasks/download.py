@@ -50,6 +50,7 @@ from prefect.cache_policies import NONE
 from tqdm import tqdm
 
 from food101.config import Config
+from food101.dataset import DatasetLayoutError, check_layout
 from food101.errors import Food101Error, StageOutputMissing
 from food101.io import read_json, replace_dir, write_json
 
@@ -57,7 +58,6 @@ log = logging.getLogger(__name__)
 
 ARCHIVE_NAME = "food-101.tar.gz"
 EXTRACTED_NAME = "food-101"  # the official archive's top folder
-REQUIRED_META = ("classes.txt", "labels.txt", "train.txt", "test.txt")
 EXTRACTED_MARKER = ".food101-extracted.json"  # written inside the tree before it is renamed into place
 EXTRACTING_MARKER = ".food101-extracting.json"  # marks a staging folder as this stage's own
 MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
@@ -92,10 +92,6 @@ class DiskSpaceError(DownloadError):
     """Not enough free disk for the download or the extraction."""
 
 
-class DatasetLayoutError(Food101Error):
-    """A dataset folder is not in the official Food-101 layout."""
-
-
 class _ServerError(Exception):
     """A 5xx answer: worth retrying."""
 
@@ -114,31 +110,6 @@ def md5_file(path: Path, chunk_bytes: int = CHUNK_BYTES) -> str:
         while block := handle.read(chunk_bytes):
             digest.update(block)
     return digest.hexdigest()
-
-
-def check_layout(root: Path) -> Path:
-    """Raise DatasetLayoutError naming the first missing piece of the official layout."""
-    root = Path(root)
-    expected = ("images/<class>/<id>.jpg, meta/classes.txt, meta/labels.txt, meta/train.txt, "
-                "meta/test.txt")
-    if not root.is_dir():
-        raise DatasetLayoutError(
-            f"dataset folder {root} does not exist; set data.local_path (data.source=local) or "
-            "paths.sample (data.source=sample) to a Food-101 folder in the official layout "
-            f"({expected})"
-        )
-    missing = [root / "meta" / name for name in REQUIRED_META if not (root / "meta" / name).is_file()]
-    if not (root / "images").is_dir():
-        missing.insert(0, root / "images")
-    if missing:
-        names = ", ".join(str(path) for path in missing)
-        raise DatasetLayoutError(
-            f"{root} is not a Food-101 dataset folder: missing {names}. Expected the official layout "
-            f"({expected}). Restore the file from the original archive, point data.local_path at "
-            "the extracted food-101 folder or the .tar.gz, or delete the folder and run the "
-            "download stage again to re-extract it."
-        )
-    return root
 
 
 def free_bytes(folder: Path) -> int:

@@ -6,6 +6,8 @@ first N of classes.txt; `data.train_per_class` / `data.test_per_class`: the firs
 class in meta order) is applied here, by selecting rows: no image is copied. Labels follow the
 order of classes.txt whatever order `data.classes` lists them in, so one set of classes always
 gets the same labels.
+Reading the meta files and selecting the rows is food101/dataset.py, which imports without
+Prefect or Great Expectations.
 
 Every listed file is read once in worker processes: SHA-256 streamed over its bytes, then PIL
 reads its header (format, mode, width, height) and decodes it fully. The decode uses JPEG draft
@@ -73,17 +75,25 @@ from prefect import task
 from prefect.cache_policies import NONE
 from tqdm import tqdm
 
-from food101.config import Config, ConfigError
-from food101.errors import Food101Error, StageOutputMissing
+from food101.config import Config
+from food101.dataset import (  # noqa: F401
+    SPLITS,
+    DatasetMeta,
+    ManifestValidationError,
+    dataset_meta,
+    read_meta,
+    select_classes,
+    select_rows,
+)
+from food101.errors import StageOutputMissing
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
 from food101.processes import process_pool
-from tasks.download import check_layout, read_dataset
+from tasks.download import read_dataset
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ["path", "image_id", "class", "label", "split", "bytes", "sha256", "width", "height",
                     "mode", "format", "decodable", "error", "status"]
-SPLITS = ("train", "test")
 STATUSES = ("ok", "converted", "quarantined")
 # Modes PIL converts to RGB without surprises; anything else is reported.
 ALLOWED_MODES = ("RGB", "L", "CMYK", "P", "RGBA", "LA", "YCbCr")
@@ -92,22 +102,6 @@ ROWS_NAMED = 10
 SUITE_NAME = "food101_manifest"
 DOCS_SITE = "food101_manifest_docs"
 LEAKED = "duplicate of train image "
-
-
-class ManifestValidationError(Food101Error):
-    """A critical expectation failed (or too many images are quarantined)."""
-
-
-@dataclass(frozen=True)
-class DatasetMeta:
-    """The meta/ files of a Food-101 root."""
-
-    classes: list[str]
-    display: list[str]
-    listed: dict[str, list[str]]  # split -> image ids ("apple_pie/1005649") in file order
-    # (split, image id) -> path under the root, where not images/<id>.jpg (data.source=imagefolder)
-    paths: dict[tuple[str, str], str] | None = None
-    split_rule: str = "the official train/test lists (meta/train.txt, meta/test.txt)"
 
 
 @dataclass(frozen=True)
@@ -121,84 +115,7 @@ class Expected:
     max_quarantine_fraction: float
 
 
-# --- meta and selection ---------------------------------------------------------------------
-
-
-def read_meta(root: Path) -> DatasetMeta:
-    """Read classes, display names and the split lists; a missing file is a clear error."""
-    check_layout(root)
-    meta = Path(root) / "meta"
-
-    def lines(name: str) -> list[str]:
-        return [line.strip() for line in (meta / name).read_text().splitlines() if line.strip()]
-
-    classes, display = lines("classes.txt"), lines("labels.txt")
-    if len(display) != len(classes):
-        raise ManifestValidationError(
-            f"{meta / 'labels.txt'} has {len(display)} names but {meta / 'classes.txt'} has "
-            f"{len(classes)} classes; restore both files from the original archive"
-        )
-    return DatasetMeta(classes, display, {split: lines(f"{split}.txt") for split in SPLITS})
-
-
-def dataset_meta(config: Config, root: Path) -> DatasetMeta:
-    """The listing of the dataset root: Food-101's meta files, or an image folder's (food101/imagefolder.py)."""
-    if config.data.source != "imagefolder":
-        return read_meta(root)
-    from food101 import imagefolder
-
-    found = imagefolder.scan(root, config.data.test_fraction, config.data.split_seed)
-    return DatasetMeta(found.classes, [imagefolder.display_name(c) for c in found.classes],
-                       {split: [image_id for image_id, _ in rows] for split, rows in found.listed.items()},
-                       {(split, image_id): path for split, rows in found.listed.items() for image_id, path in rows},
-                       f"{found.layout}: {found.split_rule}")
-
-
-def select_classes(all_classes: list[str], selection: list[str] | int | None) -> list[str]:
-    """The selected class names in classes.txt order (all, the first N, or the named ones)."""
-    if selection is None:
-        return list(all_classes)
-    if isinstance(selection, int):
-        if not 1 <= selection <= len(all_classes):
-            raise ConfigError(f"data.classes={selection}: choose between 1 and {len(all_classes)} classes")
-        return list(all_classes[:selection])
-    unknown = [name for name in selection if name not in all_classes]
-    if unknown:
-        raise ConfigError(
-            f"data.classes names unknown classes {unknown}; valid names (meta/classes.txt): "
-            f"{', '.join(all_classes)}"
-        )
-    if len(set(selection)) != len(selection):
-        raise ConfigError(f"data.classes lists a class twice: {selection}")
-    chosen = set(selection)
-    return [name for name in all_classes if name in chosen]
-
-
-def select_rows(meta: DatasetMeta, classes: list[str], train_per_class: int | None,
-                test_per_class: int | None) -> pd.DataFrame:
-    """The listing of selected images: path, image_id, class, label, split (first K per class)."""
-    label_of = {name: index for index, name in enumerate(classes)}
-    known = set(meta.classes)
-    limits = {"train": train_per_class, "test": test_per_class}
-    records = []
-    for split in SPLITS:
-        taken: dict[str, int] = {}
-        for image_id in meta.listed[split]:
-            name = image_id.split("/", 1)[0]
-            if name not in known:
-                raise ManifestValidationError(
-                    f"meta/{split}.txt lists {image_id!r}, whose class {name!r} is not in meta/classes.txt; "
-                    "restore the meta files from the original archive"
-                )
-            if name not in label_of:
-                continue
-            limit = limits[split]
-            if limit is not None and taken.get(name, 0) >= limit:
-                continue
-            taken[name] = taken.get(name, 0) + 1
-            path = meta.paths[(split, image_id)] if meta.paths else f"images/{image_id}.jpg"
-            records.append((path, image_id, name, label_of[name], split))
-    return pd.DataFrame.from_records(records, columns=["path", "image_id", "class", "label", "split"])
+# --- what to expect --------------------------------------------------------------------------
 
 
 def expected_counts(listing: pd.DataFrame, classes: list[str], official: dict[str, int] | None

@@ -170,7 +170,7 @@ def test_a_tampered_cache_is_refused_by_the_reader_and_rebuilt_by_the_stage(tmp_
     with pytest.raises(CacheChangedError, match="test_images.npy has changed.*food101 stage preprocess"):
         cache.images("test")
 
-    with caplog.at_level("WARNING", logger="tasks.preprocess"):
+    with caplog.at_level("WARNING", logger="food101.cache"):
         summary = build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)
     assert summary["rebuilt"] and "does not match what was written" in caplog.text
     assert "test_images.npy has changed" in caplog.text
@@ -186,7 +186,7 @@ def test_a_truncated_cache_is_refused_and_rebuilt(tmp_path: Path, params, caplog
         handle.truncate((out / "train_images.npy").stat().st_size // 2)
     with pytest.raises(CacheChangedError, match="train_images.npy is .* bytes"):
         load_cache(out)
-    with caplog.at_level("WARNING", logger="tasks.preprocess"):
+    with caplog.at_level("WARNING", logger="food101.cache"):
         assert build_cache(manifest, SAMPLE, sample_classes(), params, out, workers=1)["rebuilt"]
     assert "train_images.npy is" in caplog.text and folder_bytes(out) == original
 
@@ -209,11 +209,11 @@ import json, sys
 from pathlib import Path
 import pandas as pd
 from food101.config import PreprocessConfig
-import tasks.preprocess
-from tasks.preprocess import build_cache
+import food101.cache
+from food101.cache import build_cache
 args = json.loads(sys.argv[1])
 # Records every 50 ms: however fast this machine decodes, some appear before the run could end.
-tasks.preprocess.SYNC_INTERVAL_S = 0.05
+food101.cache.SYNC_INTERVAL_S = 0.05
 build_cache(pd.read_parquet(args["manifest"]), Path(args["root"]), args["classes"],
             PreprocessConfig(**args["params"]), Path(args["out"]), chunk_size=args["chunk_size"],
             workers=2, progress_bar=False)
