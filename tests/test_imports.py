@@ -15,7 +15,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BLOCKED = ("prefect", "mlflow", "great_expectations", "dvc", "starlette", "uvicorn", "kornia", "dask")
-BENCHMARKS = ("transfer_recipe.py", "train_throughput.py", "parallel_training.py")
+BENCHMARKS = ("transfer_recipe.py", "train_throughput.py", "parallel_training.py", "robustness_throughput.py")
 
 BLOCKER = f"""
 import importlib.abc, runpy, sys
