@@ -52,6 +52,19 @@ def test_each_corruption_changes_pixels_more_with_severity_and_the_same_way_twic
     assert all(a < b for a, b in zip(distances, distances[1:], strict=False)), f"{name}: {distances}"
 
 
+def test_cpu_chunks_give_the_photos_what_one_pass_over_the_batch_gives():
+    """corrupt() splits a CPU batch into cache-sized chunks; each photo's draws must follow it."""
+    from food101.corruptions import CPU_CHUNK_PIXELS, OPERATIONS, Draws, corrupt, photo_uniforms
+
+    settings = load_config(REPO / "params.yaml").robustness
+    photos = _sample_photos(n=CPU_CHUNK_PIXELS // (224 * 224) + 3, side=224)
+    for name in ("brightness_bright", "contrast", "gaussian_blur", "jpeg", "rotation", "occlusion", "off_centre_crop"):
+        uniforms = photo_uniforms(settings.seed, name, 4, len(photos))
+        chunked = corrupt(photos, name, 4, settings, Draws(torch.Generator(), uniforms))
+        whole = OPERATIONS[name](photos, float(settings.levels[name][3]), Draws(torch.Generator(), uniforms))
+        assert torch.equal(chunked, whole), name
+
+
 def test_corruption_error_is_imagenet_c_s_ratio_of_summed_errors():
     from tasks.robustness import corruption_errors
 
