@@ -35,6 +35,9 @@ def cli_env() -> dict[str, str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
     env.pop("FOOD101_PARAMS", None)
     env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh Prefect home on busy cores
+    # Two runs go on at once (the uninterrupted one beside the killed ones): one thread each, as
+    # food101.devices advises for processes sharing cores; both runs use the same count.
+    env["OMP_NUM_THREADS"] = "1"
     return env
 
 
@@ -64,12 +67,43 @@ def leftover_temp_files(root: Path) -> list[Path]:
 def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Path):
     """`food101 run --profile demo` twice, the second killed (SIGKILL) at five seeded points and
     resumed each time: the same per-photo predictions and accuracy, nothing left behind."""
-    command, env = run_command(tmp_path / "whole"), cli_env()
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
-    assert done.returncode == 0, done.stderr[-4000:]
+    env = cli_env()
+    # The uninterrupted run, in its own Prefect home, runs while the other is killed and resumed.
+    whole_log = tmp_path / "whole.log"
+    with open(whole_log, "w") as log:
+        uninterrupted_run = subprocess.Popen(
+            run_command(tmp_path / "whole"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**env, "PREFECT_HOME": str(tmp_path / "prefect-whole")})
+    try:
+        descendants = kill_and_resume(run_command(tmp_path / "killed"), env)
+        returncode = uninterrupted_run.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if uninterrupted_run.poll() is None:  # this test failed: stop its server too
+            os.killpg(uninterrupted_run.pid, signal.SIGKILL)
+            uninterrupted_run.wait(timeout=30)
+    assert returncode == 0, whole_log.read_text()[-4000:]
 
     root = tmp_path / "killed"
-    command = run_command(root)
+    whole = tmp_path / "whole"
+    models = sorted(json.loads((whole / "reports" / "summary.json").read_text())["models"])
+    assert len(models) >= 3
+    assert_same_predictions(whole / "artifacts" / "eval", root / "artifacts" / "eval", models)
+    resumed, uninterrupted = (accuracy_numbers(r / "reports" / "summary.json") for r in (root, whole))
+    assert resumed.keys() == uninterrupted.keys()
+    for model, figures in uninterrupted.items():  # ECE sums probabilities: equal to float32 rounding
+        assert resumed[model] == pytest.approx(figures, rel=1e-6), model
+    assert leftover_temp_files(root) == []
+    assert running_mlflow_runs(root / "mlflow.db") == []
+    deadline = time.monotonic() + 30
+    while (alive := [pid for pid in descendants if psutil.pid_exists(pid) and _not_zombie(pid)]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive == [], f"processes of killed runs still alive: {[_describe(p) for p in alive]}"
+
+
+def kill_and_resume(command: list[str], env: dict[str, str]) -> set[int]:
+    """Run `command`, SIGKILL it at each of KILL_AFTER_S, then run it to the end; the PIDs of the
+    killed attempts' processes come back."""
     descendants: set[int] = set()
     for attempt, delay in enumerate(KILL_AFTER_S, 1):
         proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -86,22 +120,7 @@ def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Pa
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
-
-    whole = tmp_path / "whole"
-    models = sorted(json.loads((whole / "reports" / "summary.json").read_text())["models"])
-    assert len(models) >= 3
-    assert_same_predictions(whole / "artifacts" / "eval", root / "artifacts" / "eval", models)
-    resumed, uninterrupted = (accuracy_numbers(r / "reports" / "summary.json") for r in (root, whole))
-    assert resumed.keys() == uninterrupted.keys()
-    for model, figures in uninterrupted.items():  # ECE sums probabilities: equal to float32 rounding
-        assert resumed[model] == pytest.approx(figures, rel=1e-6), model
-    assert leftover_temp_files(root) == []
-    assert running_mlflow_runs(root / "mlflow.db") == []
-    deadline = time.monotonic() + 30
-    while (alive := [pid for pid in descendants if psutil.pid_exists(pid) and _not_zombie(pid)]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert alive == [], f"processes of killed runs still alive: {[_describe(p) for p in alive]}"
+    return descendants
 
 
 def _not_zombie(pid: int) -> bool:
