@@ -84,23 +84,34 @@ def _gaussian_blur(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
 def _motion_blur(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
     # Written here: torchvision has no motion blur. ImageNet-C's line kernel is the mean of the
     # photo shifted along the line: one add per point, where a dense L x L convolution does L * L.
+    # Each photo's angle is its own uniform, so a photo gets the same streak on every device and in
+    # every batch or chunk (a draw from the device's generator differs between CPU and CUDA).
     length = max(3, round(level * x.shape[-1]) | 1)
-    angle = float(torch.rand(1, generator=draws.generator, device=x.device)) * math.pi
     reach = length // 2
-    t = torch.linspace(-1, 1, 4 * length)
-    offsets = sorted({(round(float(v) * reach * math.sin(angle)), round(float(v) * reach * math.cos(angle)))
-                      for v in t})
+    steps = torch.linspace(-1, 1, 4 * length).tolist()
     height, width = x.shape[-2:]
     # Sums in int16: at most ~2 * length points of 255 each, far inside its range.
     padded = TF.pad(x.contiguous(), [reach] * 4, mode="reflect").to(torch.int16)
-    out = torch.zeros(x.shape, dtype=torch.int16, device=x.device)
-    for dy, dx in offsets:
-        out += padded[..., reach + dy:reach + dy + height, reach + dx:reach + dx + width]
-    return out.float().mul_(1 / len(offsets)).add_(0.5).to(torch.uint8)
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    total = torch.empty(x.shape[1:], dtype=torch.int16, device=x.device)
+    for photo, uniform in enumerate(draws.uniforms[:, 0].tolist()):
+        angle = uniform * math.pi
+        offsets = sorted({(round(v * reach * math.sin(angle)), round(v * reach * math.cos(angle))) for v in steps})
+        total.zero_()
+        for dy, dx in offsets:
+            total += padded[photo, :, reach + dy:reach + dy + height, reach + dx:reach + dx + width]
+        # The mean rounded half up, in integers: the same on every device.
+        out[photo] = total.to(torch.int32).mul_(2).add_(len(offsets)).div_(2 * len(offsets), rounding_mode="floor")
+    return out
 
 
 def _jpeg(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
-    return F.jpeg(x, int(level))
+    # torchvision encodes a CUDA tensor with nvjpeg, then refuses to decode bytes held on the GPU
+    # (0.26 to 0.29), and nvjpeg's encoder is not libjpeg's: libjpeg on the CPU and back gives
+    # every device the same pixels.
+    if x.device.type == "cpu":
+        return F.jpeg(x, int(level))
+    return F.jpeg(x.cpu(), int(level)).to(x.device)
 
 
 def _low_resolution(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:

@@ -58,11 +58,26 @@ def test_cpu_chunks_give_the_photos_what_one_pass_over_the_batch_gives():
 
     settings = load_config(REPO / "params.yaml").robustness
     photos = _sample_photos(n=CPU_CHUNK_PIXELS // (224 * 224) + 3, side=224)
-    for name in ("brightness_bright", "contrast", "gaussian_blur", "jpeg", "rotation", "occlusion", "off_centre_crop"):
+    for name in ("brightness_bright", "contrast", "gaussian_blur", "motion_blur", "jpeg", "rotation", "occlusion",
+                 "off_centre_crop"):
         uniforms = photo_uniforms(settings.seed, name, 4, len(photos))
         chunked = corrupt(photos, name, 4, settings, Draws(torch.Generator(), uniforms))
         whole = OPERATIONS[name](photos, float(settings.levels[name][3]), Draws(torch.Generator(), uniforms))
         assert torch.equal(chunked, whole), name
+
+
+def test_only_noise_takes_the_device_generator_so_other_corruptions_match_on_every_device():
+    """A CUDA generator draws other numbers than the CPU's from the same seed: every corruption but
+    the noise must take its randomness from the photos' uniforms, or a GPU run sees other photos."""
+    from food101.corruptions import Draws, corrupt, photo_uniforms
+
+    settings = load_config(REPO / "params.yaml").robustness
+    photos = _sample_photos(n=6)
+    for name in CORRUPTIONS:
+        uniforms = photo_uniforms(settings.seed, name, 5, len(photos))
+        one = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(1), uniforms))
+        other = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(2), uniforms))
+        assert torch.equal(one, other) == (name != "gaussian_noise"), name
 
 
 def test_corruption_error_is_imagenet_c_s_ratio_of_summed_errors():
