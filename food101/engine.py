@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from food101.config import TrainConfig
 from food101.devices import synchronize
 from food101.errors import Food101Error
+from food101.linear_probe import init_head_from_probe
 from food101.models import DROPOUT_STREAM, classifier_head, draw_dropout_from, parameter_groups, stream_seed
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,7 @@ class FitResult:
     best_state: dict[str, torch.Tensor] | None
     start_epoch: int
     stopped_early: bool = False
+    probe: dict[str, float | None] | None = None  # head_init=probe: the probe's penalty and accuracy
 
 
 def scaled_lr(recipe: TrainConfig) -> float:
@@ -100,15 +102,19 @@ def make_optimizer(model: nn.Module, recipe: TrainConfig, device: torch.device) 
         for in_head, scale in ((True, 1.0), (False, recipe.backbone_lr_scale)):
             params = [p for p in group["params"] if (id(p) in head) == in_head]
             if params:
-                groups.append({**group, "params": params, "lr": lr * scale})
+                groups.append({**group, "params": params, "lr": lr * scale, "backbone": not in_head})
     fused = {"fused": True} if device.type == "cuda" else {}
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, **fused)
     return torch.optim.AdamW(groups, lr=lr, **fused)
 
 
-def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up from ~0 to 1 over `warmup_steps`, then cosine decay to 0 at `total_steps`."""
+def lr_factor(step: int, warmup_steps: int, total_steps: int, start_step: int = 0) -> float:
+    """0 before `start_step`, then a linear warm-up from ~0 to 1 over `warmup_steps`, then cosine
+    decay to 0 at `total_steps`."""
+    if step < start_step:
+        return 0.0
+    step, total_steps = step - start_step, total_steps - start_step
     if step < warmup_steps:
         return (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
@@ -118,10 +124,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
 def make_scheduler(
     optimizer: torch.optim.Optimizer, recipe: TrainConfig, steps_per_epoch: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then cosine, stepped once per iteration (a per-epoch step jumps at epoch edges)."""
+    """Warm-up then cosine, stepped once per iteration (a per-epoch step jumps at epoch edges).
+
+    The head's groups warm up from the first step. The backbone's warm up from the step it
+    unfreezes (after `freeze_backbone_epochs`): starting it mid-schedule at nearly the peak LR
+    undid what the head-only epochs had learned (benchmarks/RECIPE.md)."""
     total = recipe.epochs * steps_per_epoch
     warmup = min(total, round(recipe.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, _LrSchedule(warmup, total))
+    unfreeze = min(total, recipe.freeze_backbone_epochs * steps_per_epoch)
+    schedules = [_LrSchedule(warmup, total, unfreeze if group.get("backbone") else 0)
+                 for group in optimizer.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedules)
 
 
 @dataclass
@@ -129,9 +142,10 @@ class _LrSchedule:
     # A picklable callable rather than a lambda, so the scheduler's state is plain data.
     warmup_steps: int
     total_steps: int
+    start_step: int = 0
 
     def __call__(self, step: int) -> float:
-        return lr_factor(step, self.warmup_steps, self.total_steps)
+        return lr_factor(step, self.warmup_steps, self.total_steps, self.start_step)
 
 
 def make_trainer(
@@ -296,6 +310,7 @@ def fit(
     steps_per_epoch: int,
     resume: dict[str, Any] | None = None,
     on_epoch_end: Callable[[EpochEnd], None] | None = None,
+    probe_batches: Iterable | None = None,
 ) -> FitResult:
     """Train for `recipe.epochs` epochs (from `resume`'s epoch + 1 when given).
 
@@ -303,6 +318,10 @@ def fit(
     handed to `on_epoch_end` (which writes it), and early stopping after
     `recipe.early_stopping_patience` epochs without improvement (0 turns it off). Sources with a
     `set_epoch` method are told the epoch, so their shuffling and augmentation replay on resume.
+
+    With `recipe.head_init == "probe"` a fresh run first fits the head as a linear probe on the
+    frozen features of `probe_batches` (the train split without augmentation; penalty chosen on
+    `val_batches`), then fine-tunes from there (food101/linear_probe.py).
     """
     history: list[dict[str, float]] = []
     best_epoch, best_val_top1, start_epoch = 0, -1.0, 1
@@ -316,6 +335,8 @@ def fit(
         start_epoch = resume["epoch"] + 1
     result = FitResult(history, best_epoch, best_val_top1, checkpoint_best_state(resume) if resume else None,
                        start_epoch)
+    if resume is None and recipe.head_init == "probe":
+        result.probe = _start_head_from_probe(trainer, probe_batches, val_batches)
     for epoch in range(start_epoch, recipe.epochs + 1):
         if _patience_ran_out(recipe, epoch - 1, result.best_epoch):
             result.stopped_early = True
@@ -374,6 +395,22 @@ def fit(
             }
             on_epoch_end(EpochEnd(record, checkpoint, is_best, result.best_state if is_best else None))
     return result
+
+
+def _start_head_from_probe(trainer: Trainer, probe_batches: Iterable | None,
+                           val_batches: Iterable) -> dict[str, float | None]:
+    if probe_batches is None:
+        raise ValueError(f"{trainer.label}: train.head_init=probe needs the train split without augmentation "
+                         "(fit's probe_batches)")
+    start = time.perf_counter()
+    num_classes = classifier_head(trainer.model)[1].weight.shape[0]
+    probe = init_head_from_probe(trainer.model, probe_batches, val_batches, num_classes)
+    summary = {"probe_penalty": probe.penalty, "probe_train_top1": probe.train_top1,
+               "probe_val_top1": probe.val_top1, "probe_time_s": time.perf_counter() - start}
+    log.info("%s: head initialised from a linear probe (penalty %g): train top-1 %.4f, val top-1 %s, %.1f s",
+             trainer.label, probe.penalty, probe.train_top1,
+             "n/a" if probe.val_top1 is None else f"{probe.val_top1:.4f}", summary["probe_time_s"])
+    return summary
 
 
 def checkpoint_best_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:

@@ -377,9 +377,12 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
                              image_size=eval_size, **common)
         steps = len(train_feed) if recipe.max_steps_per_epoch is None else min(len(train_feed),
                                                                                recipe.max_steps_per_epoch)
+        # head_init=probe: the train split as evaluation sees it (centre crops, no augmentation).
+        probe_feed = BatchFeed(train_images, cache.labels("train"), batch_size=2 * recipe.batch_size, train=False,
+                               image_size=eval_size, **common) if recipe.head_init == "probe" else None
         trainer = make_trainer(net, recipe, device, steps, label=model)
         result = fit(trainer, train_feed, val_feed, recipe, steps_per_epoch=steps, resume=resume,
-                     on_epoch_end=on_epoch_end)
+                     on_epoch_end=on_epoch_end, probe_batches=probe_feed)
 
     history = result.history
     summary = {
@@ -390,7 +393,7 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
         "images_per_s": statistics.median(row["images_per_s"] for row in history) if history else None,
         "device": str(device), "params": recipe_params(recipe), "pretrained": recipe.pretrained,
         "config_hash": config_hash, "resumed_from_epoch": result.start_epoch - 1,
-        "stopped_early": result.stopped_early,
+        "stopped_early": result.stopped_early, "head_probe": result.probe,
     }
     write_json(out / "train.json", summary)
     write_history(out / "history.csv", history)

@@ -103,6 +103,86 @@ def test_backbone_and_head_get_their_own_learning_rates(tmp_path: Path) -> None:
     assert lrs[True] == pytest.approx(peak * 4 / 5) and lrs[False] == pytest.approx(0.1 * lrs[True])
 
 
+def test_backbone_warms_up_again_when_it_unfreezes(tmp_path: Path) -> None:
+    """After head-only epochs the backbone starts its own warm-up from ~0 at the unfreeze (it
+    used to join mid-schedule at nearly the peak LR); the head's schedule is unchanged."""
+    plan = recipe(tmp_path, optimizer="sgd", lr=0.4, batch_size=32, backbone_lr_scale=0.5, warmup_epochs=1.0,
+                  epochs=4, freeze_backbone_epochs=2)
+    trainer = make_trainer(build_model("mobilenet_v3_small", 3, pretrained=False), plan, CPU, steps_per_epoch=10)
+    peak = scaled_lr(plan)
+
+    def lrs() -> tuple[float, float]:
+        by_kind = {g["backbone"]: g["lr"] for g in trainer.optimizer.param_groups}
+        return by_kind[False], by_kind[True]
+
+    seen = []
+    for _ in range(40):
+        seen.append(lrs())
+        trainer.scheduler.step()
+    head, backbone = zip(*seen, strict=True)
+    assert head[0] == pytest.approx(peak / 10) and head[9] == pytest.approx(peak)  # warm-up over epoch 1
+    assert max(backbone[:20]) == 0.0  # frozen: nothing scheduled
+    assert backbone[20] == pytest.approx(0.5 * peak / 10) and backbone[29] == pytest.approx(0.5 * peak)
+    # then cosine to the end, each from its own peak
+    assert backbone[31] < backbone[30] and head[30] < head[29] and backbone[-1] < 0.1 * backbone[30]
+
+
+def test_probe_head_is_the_linear_probe_in_raw_feature_units() -> None:
+    """fit_probe works on centred, scaled features and folds that into the head: the head's logits
+    on raw features are the probe's, it separates separable classes, and its penalty is one of
+    the candidates, chosen on the validation split."""
+    from food101.linear_probe import PENALTIES, fit_probe
+
+    generator = torch.Generator().manual_seed(0)
+    centres = 3 * torch.randn(3, 16, generator=generator)
+    labels = torch.arange(90) % 3
+    features = 5.0 + centres[labels] + torch.randn(90, 16, generator=generator)
+    probe = fit_probe((features[:60], labels[:60]), (features[60:], labels[60:]), num_classes=3)
+    assert probe.penalty in PENALTIES
+    assert probe.train_top1 > 0.95 and probe.val_top1 > 0.9
+    raw_top1 = float(((features[60:] @ probe.weight.T + probe.bias).argmax(1) == labels[60:]).float().mean())
+    assert raw_top1 == pytest.approx(probe.val_top1)
+
+
+def test_probe_head_gives_a_quiet_channel_no_outsized_weight() -> None:
+    """A channel that barely varies (a dead ReLU6 unit, say) must not get a raw weight thousands of
+    times the others: per-feature standardisation folded back did that, and the fine-tune's first
+    steps then pushed huge gradients through it (Lite0 collapsed to one class on an H200)."""
+    from food101.linear_probe import fit_probe
+
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.arange(120) % 2
+    features = torch.randn(120, 8, generator=generator) + labels[:, None].float()
+    features[:, 0] = 1e-3 * (labels.float() + torch.randn(120, generator=generator))  # quiet but informative
+    probe = fit_probe((features, labels), None, num_classes=2)
+    others = probe.weight[:, 1:].abs().max()
+    assert probe.weight[:, 0].abs().max() < 10 * others
+
+
+def test_head_init_probe_changes_only_the_head_and_fit_needs_the_unaugmented_split(tmp_path: Path) -> None:
+    """head_init=probe: before the first step the head holds the probe fitted on `probe_batches`
+    and nothing else has moved (weights, BatchNorm statistics); without those batches fit refuses."""
+    from food101.linear_probe import init_head_from_probe
+
+    torch.manual_seed(0)
+    model = build_model("mobilenet_v3_small", 3, pretrained=False)
+    head = classifier_head(model)[0] + "."
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = init_head_from_probe(model, random_batches(3), random_batches(1, seed=1), num_classes=3)
+    after = model.state_dict()
+    assert [k for k in start if not k.startswith(head) and not torch.equal(after[k], start[k])] == []
+    assert torch.equal(after[head + "weight"], probe.weight) and torch.equal(after[head + "bias"], probe.bias)
+    assert model.training  # the feature pass leaves the mode as it found it
+
+    plan = recipe(tmp_path, epochs=1, head_init="probe")
+    trainer = make_trainer(build_model("mobilenet_v3_small", 3, pretrained=False), plan, CPU, 3)
+    with pytest.raises(ValueError, match="head_init=probe"):
+        fit(trainer, random_batches(3), random_batches(1, seed=1), plan, steps_per_epoch=3)
+    result = fit(trainer, random_batches(3), random_batches(1, seed=1), plan, steps_per_epoch=3,
+                 probe_batches=random_batches(3))
+    assert result.probe is not None and result.probe["probe_penalty"] > 0
+
+
 def test_backbone_lr_scale_out_of_range_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="backbone_lr_scale"):
         load_config(REPO / "params.yaml", overrides={"train.backbone_lr_scale": 0})
