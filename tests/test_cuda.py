@@ -145,7 +145,8 @@ def test_every_corruption_on_cuda_matches_the_cpu_and_stays_uint8_there(side: in
             on_gpu = corrupt(gpu_photos, name, severity, settings,
                              Draws(torch.Generator(device=CUDA).manual_seed(seed), uniforms.to(CUDA)))
             label = f"{name} severity {severity} at {side} px"
-            assert on_gpu.dtype == torch.uint8 and on_gpu.device.type == "cuda" and on_gpu.shape == cpu_photos.shape, label
+            assert on_gpu.dtype == torch.uint8 and on_gpu.device.type == "cuda", label
+            assert on_gpu.shape == cpu_photos.shape, label
             difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
             if name == "gaussian_noise":
                 cpu_size = float((on_cpu.float() - cpu_photos.float()).abs().mean())
