@@ -11,7 +11,8 @@ the corruptions, not the classification (which is evaluate's forward pass, timed
     .venv/bin/python benchmarks/robustness_throughput.py [--images 512] [--size 224] [--severity 3] [--device cuda]
 
 The last line printed is one JSON object; `ratio` is batched images/s over the PIL loop's, and
-`per_corruption` gives each path's milliseconds per photo (the best of `--repeats`) and their ratio.
+`per_corruption` gives each path's milliseconds per photo (the best of `--repeats`, the two paths
+alternating) and their ratio.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import math
 import os
 import platform
 import sys
@@ -132,8 +134,10 @@ def main() -> None:
     for name in settings.corruptions:  # each timed alone, the best of --repeats, both paths alike
         batched(images[: args.batch], settings, name, args.severity, args.batch, device)  # warm-up
         pil_loop(images[:8], settings, name, args.severity)
-        fast = min(batched(images, settings, name, args.severity, args.batch, device) for _ in range(args.repeats))
-        slow = min(pil_loop(images, settings, name, args.severity) for _ in range(args.repeats))
+        fast = slow = math.inf
+        for _ in range(args.repeats):  # alternating, so that a change in the machine's load hits both
+            fast = min(fast, batched(images, settings, name, args.severity, args.batch, device))
+            slow = min(slow, pil_loop(images, settings, name, args.severity))
         per_corruption[name] = {"batched_ms": round(1e3 * fast / len(images), 4),
                                 "pil_loop_ms": round(1e3 * slow / len(images), 4), "ratio": round(slow / fast, 2)}
     fast = sum(v["batched_ms"] for v in per_corruption.values())

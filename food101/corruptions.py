@@ -194,6 +194,9 @@ OPERATIONS: dict[str, Corruption] = {
     "jpeg": _jpeg, "low_resolution": _low_resolution, "rotation": _rotation, "occlusion": _occlusion,
     "off_centre_crop": _off_centre_crop,
 }
+# Motion blur splits the batch by streak direction, into groups about a chunk's size or smaller:
+# chunking first would only make more and smaller groups (3x the slices at 224 px).
+GROUPED_BY_THEMSELVES = frozenset({"motion_blur"})
 assert set(OPERATIONS) == set(CORRUPTIONS), "food101.config.CORRUPTIONS and OPERATIONS must name the same"
 
 
@@ -217,7 +220,8 @@ def corrupt(x: torch.Tensor, corruption: str, severity: int, settings: Robustnes
     if severity == 0:
         return x
     operation, level = OPERATIONS[corruption], float(settings.levels[corruption][severity - 1])
-    step = len(x) if x.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
+    whole = x.device.type != "cpu" or corruption in GROUPED_BY_THEMSELVES
+    step = len(x) if whole else max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
     if step >= len(x):
         return operation(x, level, draws)
     return torch.cat([operation(x[i:i + step], level, Draws(draws.generator, draws.uniforms[i:i + step]))
