@@ -399,7 +399,8 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
     write_history(out / "history.csv", history)
     run.log_metrics({f"{prefix}best_val_top1": result.best_val_top1, f"{prefix}best_epoch": result.best_epoch,
                      f"{prefix}train_time_s": summary["train_time_s"],
-                     f"{prefix}train_images_per_s": summary["images_per_s"]})
+                     f"{prefix}train_images_per_s": summary["images_per_s"],
+                     **{f"{prefix}head_{k}": v for k, v in (result.probe or {}).items() if v is not None}})
     run.log_artifact(out / "history.csv", training.artifact_path)
     run.log_artifact(out / "train.json", training.artifact_path)
     return summary

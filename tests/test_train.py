@@ -401,6 +401,20 @@ def test_stage_fine_tunes_the_weights_in_torch_home(demo, tmp_path: Path, monkey
     assert not torch.allclose(fresh, saved[first_conv], atol=1e-2)  # and random weights are far from it
 
 
+def test_stage_starts_the_head_from_a_linear_probe_when_asked(demo) -> None:
+    """train.head_init=probe through the stage: train.json records the probe that started the
+    head (its penalty, chosen on the validation split), and a resumed run does not fit it again."""
+    arch = "mobilenet_v3_large"
+    config = demo(models=[arch], train__head_init="probe", train__epochs=1, train__max_steps_per_epoch=2,
+                  train__batch_size=16)
+    summary = train.fn(config, arch)
+    probe = read_train_summary(config, arch)["head_probe"]
+    assert summary["status"] == "ok" and probe["probe_penalty"] > 0 and 0 <= probe["probe_train_top1"] <= 1
+    (config.paths.models / arch / "train.json").unlink()  # killed after the last checkpoint
+    train.fn(config, arch)
+    assert read_train_summary(config, arch)["head_probe"] is None  # resumed: the head came from the checkpoint
+
+
 def test_a_diverging_model_is_marked_failed_in_train_json(demo) -> None:
     # An absurd learning rate: the weights overflow and the loss goes NaN within a few steps.
     config = demo(train__optimizer="sgd", train__lr=1.0e30, train__epochs=1, models=["mobilenet_v3_large"])
