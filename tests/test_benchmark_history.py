@@ -22,7 +22,10 @@ from tests.test_notifications import Receiver
 pytestmark = pytest.mark.slow
 
 # A quicker recipe, the same evaluation settings: other evaluation settings would not be comparable.
-FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}}
+# Two of the demo's three models: the comparison goes model by model over the models both runs have,
+# and each model costs its own evaluation, export and robustness passes in both later runs.
+FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {},
+        "models": ["resnet50", "mobilenet_v3_large"]}
 
 
 def same_tracking(demo_run, root) -> dict:
