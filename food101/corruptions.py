@@ -27,8 +27,8 @@ MOTION_DIRECTIONS = 16  # streak directions, 11.25 degrees apart
 @dataclass
 class Draws:
     """The randomness of one corruption at one severity: a generator for noise on the device and
-    two uniforms per photo (positions, signs) drawn up front, so a photo's corruption does not
-    depend on the batch it falls in."""
+    two uniforms per photo (positions, signs, directions) drawn up front, so a photo's corruption
+    does not depend on the batch it falls in, nor on the device."""
 
     generator: torch.Generator
     uniforms: torch.Tensor  # (B, 2) on the images' device, this batch's rows

@@ -78,6 +78,10 @@ def test_only_noise_takes_the_device_generator_so_other_corruptions_match_on_eve
         one = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(1), uniforms))
         other = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(2), uniforms))
         assert torch.equal(one, other) == (name != "gaussian_noise"), name
+        if name != "gaussian_noise":  # nor on the batch a photo falls in
+            alone = [corrupt(photos[i:i + 1], name, 5, settings, Draws(torch.Generator(), uniforms[i:i + 1]))
+                     for i in range(len(photos))]
+            assert torch.equal(torch.cat(alone), one), name
 
 
 def test_corruption_error_is_imagenet_c_s_ratio_of_summed_errors():
