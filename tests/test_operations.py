@@ -82,11 +82,11 @@ def test_mlflow_server_from_make_refuses_other_hosts_and_origins(tmp_path: Path)
     assert server.poll() is not None
 
 
-def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefect_harness):
+def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, demo_run):
+    """The Dask runner's MLflow runs against the shared demo run's (the thread runner, in this process)."""
     from distributed import Client, LocalCluster
 
-    thread_overrides = generated_overrides(tmp_path / "threads") | FAST
-    by_threads = benchmark(profile="demo", overrides=thread_overrides, params_file=str(REPO / "params.yaml"))
+    by_threads = demo_run["result"]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         with Client(cluster) as dask:
             worker_pids = set(dask.run(os.getpid).values())
@@ -95,7 +95,7 @@ def test_dask_task_runner_leaves_the_same_mlflow_structure(tmp_path: Path, prefe
         config = make_config(tmp_path / "dask", **{k.replace(".", "__"): v for k, v in dask_overrides.items()
                                                    if not k.startswith("paths.")})
         by_dask = flow_for(config)(profile="demo", overrides=dask_overrides, params_file=str(REPO / "params.yaml"))
-    threads_client = MlflowClient(f"sqlite:///{tmp_path / 'threads' / 'mlflow.db'}")
+    threads_client = MlflowClient(f"sqlite:///{demo_run['config'].paths.tracking_db}")
     dask_client = MlflowClient(f"sqlite:///{tmp_path / 'dask' / 'mlflow.db'}")
     structure = child_structure(dask_client, by_dask["parent_run_id"])
     assert structure == child_structure(threads_client, by_threads["parent_run_id"])
@@ -116,7 +116,8 @@ def test_food101_run_with_default_params_leaves_dvc_status_clean(tmp_path: Path)
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
     env.pop("FOOD101_PARAMS", None)
     run(["git", "init", "-q"], root, env)
-    fast = [f"{k}={v}" for k, v in FAST.items()]
+    # Two models: dvc.yaml's per-model stages are recorded for each model in params, one or many.
+    fast = [f"{k}={v}" for k, v in FAST.items()] + ["models=[efficientnet_b0,mobilenet_v3_large]"]
     run(["food101", "params", "--profile", "demo", *sum((["--set", s] for s in fast), []),
          "--write", "params.yaml"], root, env)
     run(["git", "add", "-A"], root, env)
