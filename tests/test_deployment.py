@@ -24,8 +24,9 @@ pytestmark = pytest.mark.slow
 
 BIN = Path(sys.executable).parent
 # Small enough to finish in about a minute: the point here is the deployment path, not accuracy.
+# Two models (each one its own evaluation, export and robustness) still fan the flow out.
 FAST = ["train.epochs=1", "train.max_steps_per_epoch=2", "train.overrides={}", "evaluate.latency_runs=3",
-        "evaluate.bootstrap_samples=50"]
+        "evaluate.bootstrap_samples=50", "models=[efficientnet_b0,mobilenet_v3_large]"]
 
 
 def free_port() -> int:
