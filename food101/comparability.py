@@ -4,7 +4,9 @@ A benchmark records a comparability key: the data (manifest hash and class list)
 sizes, each model's recipe, the evaluation settings and the hardware. Two benchmarks measure
 the same thing when their data, class list, preprocessing sizes and evaluation settings agree;
 recipes may differ (that is what a benchmark is for: the changes are shown as such), and timings
-are compared only on the same hardware.
+are compared only on the same hardware. The robustness figures depend on more than that (which
+corruptions, their strengths and seed, the mCE baseline, the corruption code itself): the key's
+`robustness` entry records it, and only the robustness metrics need it to agree.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ log = logging.getLogger(__name__)
 
 # The fields of the key that must agree for two benchmarks to be compared at all.
 COMPARABLE_FIELDS = ("data_hash", "classes", "image_sizes", "evaluate")
+# The robustness settings that change its numbers; within_points and most_hurt_classes change only
+# the report's wording. batch_size counts: the noise is drawn batch by batch.
+ROBUSTNESS_FIELDS = ("corruptions", "severities", "levels", "baseline_model", "seed", "batch_size",
+                     "bootstrap_samples")
 
 
 def comparability_key(
@@ -47,7 +53,22 @@ def comparability_key(
         "train_image_size": {m: config.train.for_model(m).image_size for m in models},
         "recipe_hashes": {m: training_hash(config, m, data_key) for m in models},
         "hardware": hardware,
+        "robustness": robustness_key(config),
     }
+
+
+def robustness_key(config: Config) -> dict[str, Any]:
+    """What the robustness figures were measured with: the settings that change them (order of the
+    lists aside) and the version of the corruptions' code."""
+    from food101.corruptions import CORRUPTIONS_VERSION
+
+    settings = config.robustness
+    key: dict[str, Any] = {name: getattr(settings, name) for name in ROBUSTNESS_FIELDS}
+    key["corruptions"] = sorted(settings.corruptions)
+    key["severities"] = sorted(settings.severities)
+    key["levels"] = {name: list(settings.levels[name]) for name in key["corruptions"]}
+    key["corruptions_version"] = CORRUPTIONS_VERSION
+    return json.loads(json.dumps(key, default=str))
 
 
 def recipes(config: Config, models: list[str]) -> dict[str, dict[str, Any]]:
@@ -90,6 +111,33 @@ def key_differences(current: dict[str, Any], other: dict[str, Any]) -> list[str]
     for name, words in (("image_sizes", "image sizes"), ("evaluate", "evaluation settings")):
         if current.get(name) != other.get(name):
             found.append(f"{words} differ: {_changes(other.get(name) or {}, current.get(name) or {})}")
+    return found
+
+
+def robustness_differences(current: dict[str, Any], other: dict[str, Any]) -> list[str]:
+    """What keeps `other`'s robustness figures from being compared with `current`'s, in words
+    ("robustness.corruptions differ: new: motion_blur; gone: none"); empty when they compare."""
+    now, then = current.get("robustness"), other.get("robustness")
+    if not then:
+        return ["the earlier benchmark recorded no robustness settings (made by an older version)"]
+    if not now:
+        return ["this benchmark recorded no robustness settings"]
+    found = []
+    if now.get("corruptions_version") != then.get("corruptions_version"):
+        found.append("corruption definitions changed (food101/corruptions.py CORRUPTIONS_VERSION "
+                     f"{_value(then.get('corruptions_version'))} -> {_value(now.get('corruptions_version'))})")
+    now_names, then_names = now.get("corruptions") or [], then.get("corruptions") or []
+    if now_names != then_names:
+        added, removed = sorted(set(now_names) - set(then_names)), sorted(set(then_names) - set(now_names))
+        found.append(f"robustness.corruptions differ: new: {_few(added)}; gone: {_few(removed)}")
+    now_levels, then_levels = now.get("levels") or {}, then.get("levels") or {}
+    changed = sorted(n for n in set(now_levels) & set(then_levels) if now_levels[n] != then_levels[n])
+    if changed:
+        found.append(f"robustness.levels differ for {_few(changed)}")
+    rest = [f for f in ROBUSTNESS_FIELDS if f not in ("corruptions", "levels")]
+    text = _changes({f: then.get(f) for f in rest}, {f: now.get(f) for f in rest})
+    if text:
+        found.append(f"robustness settings differ: {text}")
     return found
 
 

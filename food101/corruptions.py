@@ -22,6 +22,8 @@ from food101.config import CORRUPTIONS, RobustnessConfig
 OCCLUSION_GREY = 128
 CPU_CHUNK_PIXELS = 8 * 224 * 224  # 1.2 MB of uint8 photos
 MOTION_DIRECTIONS = 16  # streak directions, 11.25 degrees apart
+# Bump whenever any corruption's pixels change for the same seed. 2: motion blur, 16 directions per photo.
+CORRUPTIONS_VERSION = 2
 
 
 @dataclass

@@ -8,7 +8,9 @@ state while they were taken (for a rank test), the effective recipe, and the com
 (food101.comparability): only a benchmark on the same data with the same evaluation settings is
 "the previous one".
 
-Each compared metric gets one outcome: regression, improvement, inconclusive or no change.
+Each compared metric gets one outcome: regression, improvement, inconclusive or no change. The
+robustness figures are tested only when the key's `robustness` entry agrees too; otherwise they
+are inconclusive, "not comparable", with what changed, and never a regression.
 
 The flow calls, after evaluation and before the report:
 record_benchmark -> find_previous (find_latest when none) -> compare -> write_history ->
@@ -64,6 +66,8 @@ SPEED_METRICS = (*SAMPLED_METRICS, "train_images_per_s", "train_time_s")
 # Accuracy metrics with a bootstrap interval in metrics.json and a per-photo correctness vector.
 # Robustness figures (tasks/robustness.py) have a bootstrap interval but no correctness vector.
 INTERVAL_METRICS = ("top1", "top5", "mean_corruption_accuracy", "mce")
+# The robustness stage's figures: compared only when the key's `robustness` entry agrees.
+ROBUSTNESS_METRICS = ("mean_corruption_accuracy", "mce")
 # Top-k accuracy metrics: with k classes or fewer they are 100% by construction.
 TOP_K = {"top5": 5}
 
@@ -324,6 +328,7 @@ def compare(
                     "machine_state": current.machine_state},
         "previous": None,
         "not_comparable": None,
+        "robustness_not_comparable": None,
         "same_hardware": None,
         "recipe_changes": {},
         "not_applicable": not_applicable(current),
@@ -349,12 +354,14 @@ def compare(
     result["same_hardware"] = same_hardware
     result["recipe_changes"] = comparability.recipe_changes(previous.recipes, current.recipes)
     skipped = {item["metric"] for item in result["not_applicable"]}
+    robustness_gap = comparability.robustness_differences(current.key, previous.key)
     for model in [m for m in current.metrics if m in previous.metrics]:
         now, before = current.metrics[model], previous.metrics[model]
         for metric in COMPARED_METRICS:
             if metric not in now or metric not in before or metric in skipped:
                 continue
-            delta = _delta(model, metric, current, previous, same_hardware, thresholds)
+            gap = robustness_gap if metric in ROBUSTNESS_METRICS else []
+            delta = _delta(model, metric, current, previous, same_hardware, thresholds, gap)
             delta["recipe_change"] = result["recipe_changes"].get(model)
             result["deltas"].append(delta)
             if delta["outcome"] == REGRESSION:
@@ -364,6 +371,12 @@ def compare(
                     "relative": delta["relative"], "recipe_change": delta["recipe_change"],
                     "message": f"{model} {metric}: {delta['reason']}",
                 })
+    if any(d["metric"] in ROBUSTNESS_METRICS for d in result["deltas"]) and robustness_gap:
+        result["robustness_not_comparable"] = {
+            "metrics": list(ROBUSTNESS_METRICS), "differences": robustness_gap,
+            "message": f"robustness metrics not comparable with run {previous.run_id}: {'; '.join(robustness_gap)}",
+        }
+        log.info("%s", result["robustness_not_comparable"]["message"])
     return result
 
 
@@ -387,8 +400,9 @@ def mcnemar_exact(before: dict[str, bool], after: dict[str, bool]) -> tuple[floa
 
 def _delta(
     model: str, metric: str, current: BenchmarkRecord, previous: BenchmarkRecord,
-    same_hardware: bool, thresholds: AlertsConfig,
+    same_hardware: bool, thresholds: AlertsConfig, not_comparable: list[str] | None = None,
 ) -> dict[str, Any]:
+    """`not_comparable`: why this metric was measured another way (shown beside, never tested)."""
     now, before = current.metrics[model][metric], previous.metrics[model][metric]
     delta = now - before
     entry: dict[str, Any] = {
@@ -397,7 +411,10 @@ def _delta(
         "higher_is_better": metric in HIGHER_IS_BETTER,
         "significant": False, "test": "none (point estimate)", "p_value": None,
     }
-    if metric in INTERVAL_METRICS:
+    if not_comparable:
+        entry.update(outcome=INCONCLUSIVE, test="robustness settings differ: not comparable",
+                     reason=f"not comparable: {'; '.join(not_comparable)}")
+    elif metric in INTERVAL_METRICS:
         entry.update(_accuracy_significance(model, metric, current, previous))
         worse = delta < 0 if entry["higher_is_better"] else delta > 0
         if entry["significant"]:

@@ -643,6 +643,10 @@ def _history_section(inputs: Inputs) -> Section:
         blocks.append(Bullets([_describe(r) for r in regressions]))
     else:
         blocks.append(Callout("No regression since the last benchmark.", "ok"))
+    robustness = history.get("robustness_not_comparable")
+    if robustness:  # food101.history.compare: robustness measured another way, its rows not tested
+        blocks.append(Para("**Robustness not comparable** (its rows are shown, not tested): "
+                           + "; ".join(robustness.get("differences") or []) + "."))
     recipes = history.get("recipe_changes") or {}
     if recipes:
         blocks.append(Para("**Recipe changes** since then (the metric changes of these models may come from them):"))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from food101 import comparability, history, timing
+from food101.corruptions import CORRUPTIONS_VERSION
 from food101.tracking import client_for, finish_run, start_benchmark_run
 from tests.conftest import make_config
 
@@ -184,14 +185,16 @@ def test_interval_overlap_without_correctness_vectors(config):
                                config.alerts)["deltas"][0]["significant"]
 
 
+def robust(mca: float, mce: float) -> dict:
+    """metrics.json plus the robustness stage's headlines with their intervals."""
+    return metrics(0.80) | {"mean_corruption_accuracy": mca, "mean_corruption_accuracy_ci_low": mca - 0.02,
+                            "mean_corruption_accuracy_ci_high": mca + 0.02, "mce": mce, "mce_ci_low": mce - 0.05,
+                            "mce_ci_high": mce + 0.05}
+
+
 def test_robustness_figures_are_compared_like_accuracy(config):
     """Mean corruption accuracy and mCE (the robustness stage's headlines) carry intervals: a drop
     beyond them is a regression, a change inside them is not."""
-    def robust(mca: float, mce: float) -> dict:
-        return metrics(0.80) | {"mean_corruption_accuracy": mca, "mean_corruption_accuracy_ci_low": mca - 0.02,
-                                "mean_corruption_accuracy_ci_high": mca + 0.02, "mce": mce, "mce_ci_low": mce - 0.05,
-                                "mce_ci_high": mce + 0.05}
-
     benchmark(config, {"resnet50": robust(0.60, 0.90)}, {})
     run, worse = benchmark(config, {"resnet50": robust(0.40, 1.20)}, {}, finish=False)
     comparison = history.compare(worse, history.find_previous(config, client_for(config), run.run_id, worse.key),
@@ -203,6 +206,83 @@ def test_robustness_figures_are_compared_like_accuracy(config):
     outcomes = {d["metric"]: d["outcome"] for d in history.compare(
         close, history.find_previous(config, client_for(config), run.run_id, close.key), config.alerts)["deltas"]}
     assert outcomes["mean_corruption_accuracy"] == "no change" and outcomes["mce"] == "no change"
+
+
+def test_other_corruptions_are_not_comparable_and_never_a_regression(tmp_path, tracking_root):
+    """Another corruption list is another measuring stick: its robustness drop is shown as not
+    comparable, with why, and raises nothing; top-1 is still tested against the same benchmark."""
+    config = isolated_config(tmp_path, tracking_root, "corruption-list", alerts__fail_on_regression=True)
+    first, _ = benchmark(config, {"resnet50": robust(0.60, 0.90)}, {"resnet50": BASE_CORRECT})
+    changed = isolated_config(tmp_path, tracking_root, "corruption-list", alerts__fail_on_regression=True,
+                              robustness__corruptions=["gaussian_noise", "motion_blur"])
+    run, current = benchmark(changed, {"resnet50": robust(0.30, 1.50)}, {"resnet50": BASE_CORRECT}, finish=False)
+    previous = history.find_previous(changed, client_for(changed), run.run_id, current.key)
+    assert previous is not None and previous.run_id == first.run_id  # the benchmark as a whole still compares
+    comparison = history.compare(current, previous, changed.alerts)
+    by_metric = {d["metric"]: d for d in comparison["deltas"]}
+    why = "robustness.corruptions differ: new: motion_blur; gone: gaussian_blur, jpeg"
+    for metric in ("mean_corruption_accuracy", "mce"):
+        assert by_metric[metric]["outcome"] == "inconclusive" and by_metric[metric]["significant"] is False
+        assert by_metric[metric]["reason"] == f"not comparable: {why}"
+    assert by_metric["top1"]["outcome"] == "no change" and by_metric["top1"]["test"].startswith("mcnemar p=")
+    assert comparison["regressions"] == [] and comparison["robustness_not_comparable"]["differences"] == [why]
+    history.raise_if_regressed(changed, comparison)  # fail_on_regression is set: nothing to raise
+    assert history.flag_regressions(run, comparison) == []
+    assert client_for(changed).get_run(run.run_id).data.tags["regression"] == "false"
+    text = rendered_comparison(comparison, changed.paths.reports)
+    assert "No regression since the last benchmark" in text and f"Robustness not comparable** (its rows are " \
+        f"shown, not tested): {why}." in text
+
+    # Corruption code of another version, or a benchmark from before the key had the entry.
+    stamped = previous.key["robustness"] | {"corruptions_version": CORRUPTIONS_VERSION - 1}
+    older = history.BenchmarkRecord.from_json(previous.to_json() | {"key": previous.key | {"robustness": stamped}})
+    current_same = history.BenchmarkRecord.from_json(current.to_json() | {"key": previous.key})
+    comparison = history.compare(current_same, older, changed.alerts)
+    assert comparison["robustness_not_comparable"]["differences"] == [
+        f"corruption definitions changed (food101/corruptions.py CORRUPTIONS_VERSION {CORRUPTIONS_VERSION - 1} "
+        f"-> {CORRUPTIONS_VERSION})"]
+    unkeyed = {k: v for k, v in previous.key.items() if k != "robustness"}
+    comparison = history.compare(current_same, history.BenchmarkRecord.from_json(
+        previous.to_json() | {"key": unkeyed}), changed.alerts)
+    assert comparison["regressions"] == [] and comparison["robustness_not_comparable"]["differences"] == [
+        "the earlier benchmark recorded no robustness settings (made by an older version)"]
+    # The same settings again: the drop is tested, and it is a regression.
+    same = history.compare(current_same, previous, changed.alerts)
+    assert same["robustness_not_comparable"] is None
+    assert {r["metric"] for r in same["regressions"]} == {"mean_corruption_accuracy", "mce"}
+    finish_run(run)
+
+
+def test_same_robustness_settings_still_flag_a_real_drop(tmp_path, tracking_root):
+    """Listing the same corruptions in another order measures the same thing: a real drop is a regression."""
+    config = isolated_config(tmp_path, tracking_root, "robustness-same", alerts__fail_on_regression=True,
+                             robustness__seed=3)
+    benchmark(config, {"resnet50": robust(0.60, 0.90)}, {"resnet50": BASE_CORRECT})
+    reordered = isolated_config(tmp_path, tracking_root, "robustness-same", alerts__fail_on_regression=True,
+                                robustness__seed=3, robustness__corruptions=["jpeg", "gaussian_noise", "gaussian_blur"])
+    run, current = benchmark(reordered, {"resnet50": robust(0.40, 1.20)}, {"resnet50": BASE_CORRECT},
+                             finish=False)
+    assert current.key["robustness"]["corruptions_version"] == CORRUPTIONS_VERSION
+    assert current.key["robustness"]["seed"] == 3
+    comparison = history.compare(current, history.find_previous(reordered, client_for(reordered), run.run_id,
+                                                                current.key), reordered.alerts)
+    assert comparison["robustness_not_comparable"] is None
+    assert {r["metric"] for r in comparison["regressions"]} == {"mean_corruption_accuracy", "mce"}
+    with pytest.raises(history.RegressionDetected, match="resnet50 mean_corruption_accuracy"):
+        history.raise_if_regressed(reordered, comparison)
+    finish_run(run)
+
+
+def test_robustness_differences_name_what_changed():
+    before = {"robustness": {"corruptions": ["jpeg"], "severities": [5], "levels": {"jpeg": [50, 30, 20, 12, 7]},
+                             "baseline_model": "resnet50", "seed": 0, "batch_size": 64, "bootstrap_samples": 500,
+                             "corruptions_version": 2}}
+    after = {"robustness": before["robustness"] | {"levels": {"jpeg": [60, 30, 20, 12, 7]}, "seed": 1,
+                                                   "baseline_model": "efficientnet_b0"}}
+    assert comparability.robustness_differences(after, before) == [
+        "robustness.levels differ for jpeg",
+        "robustness settings differ: baseline_model resnet50 -> efficientnet_b0, seed 0 -> 1"]
+    assert comparability.robustness_differences(after, after) == []
 
 
 def test_throughput_on_different_hardware_is_shown_but_never_a_regression(config):
