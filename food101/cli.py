@@ -60,22 +60,7 @@ def _setup(params: Path | None, verbose: bool) -> Path:
     )
     for noisy in ("alembic", "mlflow.store", "httpx", "urllib3", "great_expectations"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    pytorch_logger = logging.getLogger("mlflow.pytorch")
-    if not any(isinstance(f, PickleAdvisoryFilter) for f in pytorch_logger.filters):
-        pytorch_logger.addFilter(PickleAdvisoryFilter())
     return params_file
-
-
-class PickleAdvisoryFilter(logging.Filter):
-    """Drops MLflow's advice to save models as pt2 instead of pickle, printed on every save.
-
-    The models are pickled on purpose (README, Design: pt2 needs an input example per model) and
-    only ever loaded by this pipeline from its own MLflow store; every other mlflow.pytorch
-    warning still shows.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Saving pytorch model by Pickle")
 
 
 def _load(params_file: Path, profile: str | None, overrides: list[str] | None) -> Config:

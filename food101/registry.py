@@ -234,7 +234,7 @@ def _add_onnx(config: Config, model: str, local: Path, meta: dict[str, Any]) -> 
     tags = {}
     for precision in ONNX_PRECISIONS:
         target = local / f"onnx-{precision}"
-        # save_model + log_artifacts keeps to the explicit run id (as train's pytorch flavour does);
+        # save_model + log_artifacts keeps to the explicit run id (as export's onnx model does);
         # one file, no external data, so one sha256 covers the graph and its weights.
         mlflow.onnx.save_model(onnx.load(str(files[precision])), target, pip_requirements=requirements,
                                save_as_external_data=False,

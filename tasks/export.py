@@ -43,7 +43,7 @@ from food101.onnx_inference import (
     session,
     with_preprocessing,
 )
-from food101.tracking import stage_run
+from food101.tracking import Run, stage_run
 from tasks.evaluate import _timing_lock
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,7 @@ INT8_FILE = "model.int8.onnx"
 PREPROCESS_FILE = "preprocess.json"
 EXPORT_FILE = "export.json"
 CALIBRATION_FILE = "calibration_rows.parquet"  # the train rows (cache positions, manifest paths) used
+MLFLOW_MODEL_DIR = "model"  # the fp32 graph as an MLflow model (onnx flavour) on the export run
 VARIANTS = (("pytorch", "fp32"), ("onnxruntime", "fp32"), ("onnxruntime", "int8"))
 PROBE_TIMEOUT_S = 900
 
@@ -293,11 +294,33 @@ def export(config: Config, model: str, parent_run_id: str | None = None) -> dict
                             for k in ("top1", "latency_p50_ms", "latency_p95_ms", "throughput_ips", "size_mb",
                                       "peak_rss_mb")}})
         run.log_artifacts(final, "export")
+        log_onnx_model(run, final, model)
         log.info("%s: exported (opset %d); parity max |diff| %.2g, top-1 agreement %.4f; int8 drop %s (%s)",
                  model, summary["opset"], summary["parity"]["max_abs_logit_diff"],
                  summary["parity"]["top1_agreement"], pct(summary["int8"]["top1_drop"]),
                  metrics.format_p(summary["int8"]["p_value"]))
         return {"model": model, "export_dir": str(final), "opset": summary["opset"], "status": "ok"}
+
+
+def log_onnx_model(run: Run, folder: Path, model: str) -> None:
+    """Log the fp32 graph in `folder` as an MLflow model (onnx flavour) under `model/` of `run`.
+
+    What the MLflow UI offers to load and serve: an ONNX graph is data, so loading it runs no
+    code from the artifact store (a pickled model would). `save_model` + `log_artifacts` keeps to
+    the explicit run id; explicit pip requirements skip their inference.
+    """
+    import mlflow.onnx
+    import onnx
+    import onnxruntime
+
+    preprocess = read_json(folder / PREPROCESS_FILE)
+    requirements = [f"onnx=={onnx.__version__}", f"onnxruntime=={onnxruntime.__version__}"]
+    with tempfile.TemporaryDirectory(prefix="mlflow-onnx-") as tmp:
+        target = Path(tmp) / MLFLOW_MODEL_DIR
+        mlflow.onnx.save_model(onnx.load(str(folder / ONNX_FILE)), target, pip_requirements=requirements,
+                               save_as_external_data=False,
+                               metadata={"model": model, "precision": "fp32", "input": preprocess["input_layout"]})
+        run.log_artifacts(target, MLFLOW_MODEL_DIR)
 
 
 # --- readers --------------------------------------------------------------------------------------

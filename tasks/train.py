@@ -23,8 +23,6 @@ import io
 import json
 import logging
 import statistics
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,8 +57,6 @@ log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_top1", "val_loss", "val_top1", "lr", "images_per_s",
                    "epoch_time_s")
-# pip requirements of the logged MLflow model, given so MLflow does not spend seconds inferring them.
-MODEL_PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", "torchvision"]
 # Bumped when what a checkpoint holds or how a training draws its randomness changes: older
 # checkpoints are then not resumed.
 CHECKPOINT_FORMAT = 2
@@ -303,7 +299,9 @@ def train(config: Config, model: str, parent_run_id: str | None = None) -> dict:
             for training in pending:
                 train_into(training, model, cache, device, run)
                 if training is primary:
-                    log_model_to_mlflow(run, config, model)
+                    # The weights as a state dict (torch.load(weights_only=True)), never a pickled model;
+                    # the export stage logs the loadable MLflow model (ONNX flavour).
+                    run.log_artifact(training.out / "best.pt")
     return _result(read_train_summary(config, model), primary.out)
 
 
@@ -445,27 +443,6 @@ def _settled_best(out: Path, checkpoint: dict[str, Any], meta: dict[str, Any], m
     log.warning("%s: %s did not hold the best epoch %d that the checkpoint names (a run killed between the two "
                 "writes, or a damaged file); rebuilt it from the checkpoint", model, path, checkpoint["best_epoch"])
     return sha256
-
-
-def log_model_to_mlflow(run: Any, config: Config, model: str) -> float:
-    """Save the best model in MLflow's pytorch flavour and attach it to the run; returns seconds.
-
-    `save_model` + `log_artifacts` keeps to our explicit run id (the fluent `log_model` needs an
-    active run, which Prefect's worker threads do not share); the pickle format needs no
-    input example or torch.export pass, and explicit pip requirements skip their inference.
-    """
-    import mlflow.pytorch
-
-    start = time.perf_counter()
-    net, _ = load_trained_model(config, model)
-    with tempfile.TemporaryDirectory(prefix="mlflow-model-") as tmp:
-        target = Path(tmp) / "model"
-        mlflow.pytorch.save_model(net, target, pip_requirements=MODEL_PIP_REQUIREMENTS,
-                                  serialization_format="pickle")
-        run.log_artifacts(target, "model")
-    seconds = time.perf_counter() - start
-    log.info("%s: logged the best model to MLflow in %.1f s", model, seconds)
-    return seconds
 
 
 def _result(summary: dict[str, Any], out: Path) -> dict:

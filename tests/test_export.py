@@ -11,10 +11,12 @@ from food101 import metrics
 from food101.deploy_targets import recommend_targets
 from food101.document import Para, Table
 from food101.onnx_inference import INPUT_NAME, run_batches, session
+from food101.tracking import client_for, experiment_id, tracking_uri
 from tasks import export as ex
 from tasks.preprocess import open_cache
 from tests.conftest import make_config, single_torch_thread
 from tests.test_evaluate import build_sample_cache, write_trained_model
+from tests.test_train import mlmodel_flavours
 
 MODELS = ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
 FAST = {
@@ -64,6 +66,23 @@ def test_export_writes_a_checked_onnx_with_dynamic_batch_and_parity(exported):
         for variant in summary["variants"]:
             assert variant["latency_p95_ms"] >= variant["latency_p50_ms"] > 0
             assert variant["throughput_ips"] > 0 and variant["peak_rss_mb"] > 0 and variant["size_mb"] > 0
+
+
+def test_the_export_run_holds_the_fp32_graph_as_an_mlflow_onnx_model(exported, tmp_path, monkeypatch):
+    """What the MLflow UI offers to load and serve is the ONNX graph (data), not a pickled model."""
+    import mlflow.onnx
+
+    config, _ = exported
+    client = client_for(config)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri(config))  # for runs:/ URIs, as a user would load it
+    for model in MODELS:
+        [run] = client.search_runs([experiment_id(config, client)],
+                                   f"tags.stage = 'export' and tags.model = '{model}' and tags.export_status = 'ok'")
+        models = mlmodel_flavours(client, run.info.run_id, tmp_path / model)
+        assert set(models) == {"model"} and "onnx" in models["model"], models
+        loaded = mlflow.onnx.load_model(f"runs:/{run.info.run_id}/model")
+        written = onnx.load(str(ex.export_dir(config, model) / ex.ONNX_FILE))
+        assert loaded.SerializeToString() == written.SerializeToString()
 
 
 def test_int8_accuracy_and_mcnemar_come_from_the_real_test_predictions(exported):

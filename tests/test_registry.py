@@ -169,30 +169,6 @@ def test_other_profile_points_at_the_profiles_that_have_a_champion(registered, t
     assert (meta["resize"], meta["crop"], meta["image_size"], meta["model"]) == (72, 64, 64, "resnet50")
 
 
-def test_mlflow_pickle_advice_is_dropped_and_other_warnings_still_show(tmp_path: Path, capfd) -> None:
-    """The CLI's filter removes MLflow's per-save pickle advice, and only that."""
-    import logging
-
-    import mlflow.pytorch
-
-    from food101.cli import PickleAdvisoryFilter
-
-    logger = logging.getLogger("mlflow.pytorch")
-    mlflow.pytorch.save_model(torch.nn.Linear(2, 2), tmp_path / "plain", pip_requirements=["torch"],
-                              serialization_format="pickle")
-    assert "by Pickle" in capfd.readouterr().err  # MLflow does print it, so the check below can fail
-    advisory = PickleAdvisoryFilter()
-    logger.addFilter(advisory)
-    try:
-        mlflow.pytorch.save_model(torch.nn.Linear(2, 2), tmp_path / "filtered", pip_requirements=["torch"],
-                                  serialization_format="pickle")
-        logger.warning("another mlflow.pytorch warning")
-        err = capfd.readouterr().err
-    finally:
-        logger.removeFilter(advisory)
-    assert "by Pickle" not in err and "another mlflow.pytorch warning" in err
-
-
 class _RunsACommandWhenUnpickled(torch.nn.Module):
     """A valid nn.Module for MLflow whose pickle runs a shell command on load (touches `sentinel`)."""
 

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
+from mlflow.tracking import MlflowClient
 from torch import nn
 from torchvision.models import get_model
 
@@ -31,6 +33,7 @@ from food101.engine import (
 )
 from food101.feed import BatchFeed
 from food101.models import build_model, classifier_head, expected_weights_path, normalization, pretrained_weights
+from food101.tracking import client_for, experiment_id
 from tasks.preprocess import build_cache, open_cache
 from tasks.train import (
     DamagedCheckpoint,
@@ -340,6 +343,44 @@ def test_a_truncated_checkpoint_is_detected_and_the_model_trained_again(
     pd.testing.assert_frame_equal(read_history(config, arch).drop(columns=["images_per_s", "epoch_time_s"]),
                                   history.drop(columns=["images_per_s", "epoch_time_s"]))
     assert _same(_state(out / "best.pt"), best)
+
+
+def run_artifacts(client: MlflowClient, run_id: str, folder: str | None = None) -> list[str]:
+    """Every artifact file of a run, as paths relative to the run's artifact root."""
+    found = []
+    for item in client.list_artifacts(run_id, folder):
+        found.extend(run_artifacts(client, run_id, item.path) if item.is_dir else [item.path])
+    return found
+
+
+def mlmodel_flavours(client: MlflowClient, run_id: str, dst: Path) -> dict[str, dict]:
+    """{artifact folder: flavours} of every MLflow model (an `MLmodel` file) among the run's artifacts."""
+    dst.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for path in run_artifacts(client, run_id):
+        if Path(path).name == "MLmodel":
+            local = Path(client.download_artifacts(run_id, path, str(dst)))
+            found[str(Path(path).parent)] = yaml.safe_load(local.read_text())["flavors"]
+    return found
+
+
+def test_mlflow_gets_the_best_weights_as_a_state_dict_and_no_pickled_model(demo, tmp_path: Path) -> None:
+    """Loading what the train run logged runs no code: best.pt as a plain artifact (a state dict,
+    read with weights_only=True), and no pytorch-flavour MLflow model to unpickle."""
+    arch = "mobilenet_v3_large"
+    config = demo(train__epochs=1, train__batch_size=16, train__max_steps_per_epoch=2, models=[arch])
+    train.fn(config, arch)
+    client = client_for(config)
+    [run] = client.search_runs([experiment_id(config, client)], "tags.stage = 'train'")
+    run_id = run.info.run_id
+    models = mlmodel_flavours(client, run_id, tmp_path / "mlmodel")
+    assert all("pytorch" not in flavours for flavours in models.values()), models
+    assert "best.pt" in run_artifacts(client, run_id)
+    logged = Path(client.download_artifacts(run_id, "best.pt", str(tmp_path)))
+    assert logged.read_bytes() == (config.paths.models / arch / "best.pt").read_bytes()
+    best = torch.load(logged, map_location="cpu", weights_only=True)
+    assert best["arch"] == arch and best["epoch"] == read_train_summary(config, arch)["best_epoch"]
+    assert _same(best["state_dict"], load_trained_model(config, arch)[0].state_dict())
 
 
 def test_the_training_hash_counts_only_what_changes_the_model(tmp_path: Path) -> None:
