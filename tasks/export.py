@@ -70,7 +70,32 @@ class ExportMissing(Food101Error):
 
 
 def export_onnx(module: Any, crop: int, path: Path, opset: int) -> int:
-    """Export `module` (uint8 NHWC in, logits out) with a dynamic batch axis; returns the opset."""
+    """Export `module` (uint8 NHWC in, logits out) with a dynamic batch axis; returns the opset.
+
+    The export runs in a child process: while torch.export traces it sets process-wide state
+    (torch.compiler.is_compiling() true, oneDNN and cuDNN off), which changed AdamW's arithmetic
+    in trainings on the flow's other threads. The module reaches the child by cloudpickle, as
+    multiprocessing passes arguments; the file lives only as long as this call.
+    """
+    import cloudpickle
+
+    with tempfile.TemporaryDirectory(prefix="food101-export-") as tmp:
+        job = Path(tmp) / "export.pkl"
+        job.write_bytes(cloudpickle.dumps((module, crop, str(path), opset)))
+        done = subprocess.run([sys.executable, "-m", "tasks.export", str(job)], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, check=False)
+    replies = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    outcome = json.loads(replies[-1]) if done.returncode in (0, 1) and replies else None
+    if outcome is None:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ExportError(f"ONNX export failed in its child process (exit code {done.returncode}): {tail}")
+    if "error" in outcome:
+        raise ExportError(outcome["error"])
+    return int(outcome["opset"])
+
+
+def _export_in_this_process(module: Any, crop: int, path: Path, opset: int) -> int:
+    """What export_onnx's child process runs."""
     import onnx
     import torch
 
@@ -433,3 +458,20 @@ def deployment_section(config: Config, exports: dict[str, dict[str, Any]], plot:
     for model, error in failed.items():
         blocks.append(Para(f"**{model}: export failed.** {error}"))
     return Section("deployment", "Deployment", blocks)
+
+
+def _export_main(argv: list[str]) -> int:
+    """The child of export_onnx: unpickle its job, export, print {"opset": n} or {"error": message}."""
+    import cloudpickle
+
+    module, crop, path, opset = cloudpickle.loads(Path(argv[1]).read_bytes())
+    try:
+        result: dict[str, Any] = {"opset": _export_in_this_process(module, crop, Path(path), opset)}
+    except ExportError as exc:
+        result = {"error": str(exc)}
+    sys.stdout.write(json.dumps(result) + "\n")
+    return 0 if "opset" in result else 1
+
+
+if __name__ == "__main__":
+    sys.exit(_export_main(sys.argv))

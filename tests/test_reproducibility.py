@@ -87,6 +87,51 @@ def test_a_training_beside_a_thread_using_the_global_generators_gives_the_same_w
     assert not different, f"{len(different)} tensors differ, first {different[:3]}"
 
 
+class ExportsBeside:
+    """A thread that exports a small model to ONNX again and again until stopped, as export[m]
+    does beside later models' trainings in the flow (and, warm, in a long-lived `food101 serve`)."""
+
+    def __init__(self, path: Path) -> None:
+        from food101.models import build_model as build
+        from food101.onnx_inference import with_preprocessing
+
+        network = build("mobilenet_v3_large", 5, pretrained=False).eval()
+        self.module = with_preprocessing(network, [0.5] * 3, [0.5] * 3, 32, 32)
+        self.path, self.rounds, self.errors = path, 0, []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="exports")
+
+    def _run(self) -> None:
+        from tasks.export import export_onnx
+
+        while not self.stop.is_set():
+            try:
+                export_onnx(self.module, 32, self.path, opset=20)
+            except Exception as exc:  # noqa: BLE001 - asserted by the test
+                self.errors.append(exc)
+                return
+            self.rounds += 1
+
+    def __enter__(self) -> ExportsBeside:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def test_a_training_beside_an_onnx_export_gives_the_same_weights(cache_path: Path, tmp_path: Path) -> None:
+    """torch.export sets process-wide state while it traces (torch.compiler.is_compiling() true),
+    which changed AdamW's arithmetic in a training on another thread: every tensor differed."""
+    alone = _train(tmp_path / "alone", cache_path)
+    with ExportsBeside(tmp_path / "beside.onnx") as exports:
+        beside = _train(tmp_path / "beside", cache_path)
+    assert exports.errors == [] and exports.rounds >= 1  # an export ran while the model trained
+    different = [key for key in alone if not torch.equal(alone[key], beside[key])]
+    assert not different, f"{len(different)} tensors differ, first {different[:3]}"
+
+
 def test_building_a_model_depends_on_its_seed_only_and_leaves_the_global_generator_alone() -> None:
     torch.manual_seed(1)
     before = torch.get_rng_state()
