@@ -115,6 +115,7 @@ def test_food101_run_with_default_params_leaves_dvc_status_clean(tmp_path: Path)
     venv_bin = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{venv_bin}{os.pathsep}{os.environ['PATH']}", "PYTHONPATH": str(root)}
     env.pop("FOOD101_PARAMS", None)
+    env["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "300"  # a fresh Prefect home on busy cores
     run(["git", "init", "-q"], root, env)
     # Two models: dvc.yaml's per-model stages are recorded for each model in params, one or many.
     fast = [f"{k}={v}" for k, v in FAST.items()] + ["models=[efficientnet_b0,mobilenet_v3_large]"]
