@@ -24,9 +24,10 @@ log = logging.getLogger(__name__)
 # The fields of the key that must agree for two benchmarks to be compared at all.
 COMPARABLE_FIELDS = ("data_hash", "classes", "image_sizes", "evaluate")
 # The robustness settings that change its numbers; within_points and most_hurt_classes change only
-# the report's wording. batch_size counts: the noise is drawn batch by batch.
+# the report's wording. batch_size counts: the noise is drawn batch by batch; device_type too: a
+# CUDA generator draws other noise than the CPU's from the same seed.
 ROBUSTNESS_FIELDS = ("corruptions", "severities", "levels", "baseline_model", "seed", "batch_size",
-                     "bootstrap_samples")
+                     "bootstrap_samples", "device_type")
 
 
 def comparability_key(
@@ -61,9 +62,11 @@ def robustness_key(config: Config) -> dict[str, Any]:
     """What the robustness figures were measured with: the settings that change them (order of the
     lists aside) and the version of the corruptions' code."""
     from food101.corruptions import CORRUPTIONS_VERSION
+    from food101.devices import slot_devices
 
     settings = config.robustness
-    key: dict[str, Any] = {name: getattr(settings, name) for name in ROBUSTNESS_FIELDS}
+    key: dict[str, Any] = {name: getattr(settings, name) for name in ROBUSTNESS_FIELDS if name != "device_type"}
+    key["device_type"] = slot_devices(config)[0].type  # where the stage corrupts the photos
     key["corruptions"] = sorted(settings.corruptions)
     key["severities"] = sorted(settings.severities)
     key["levels"] = {name: list(settings.levels[name]) for name in key["corruptions"]}

@@ -283,6 +283,13 @@ def test_robustness_differences_name_what_changed():
         "robustness.levels differ for jpeg",
         "robustness settings differ: baseline_model resnet50 -> efficientnet_b0, seed 0 -> 1"]
     assert comparability.robustness_differences(after, after) == []
+    on_gpu = {"robustness": before["robustness"] | {"device_type": "cuda"}}
+    assert comparability.robustness_differences(on_gpu, before | {"robustness": before["robustness"] | {
+        "device_type": "cpu"}}) == ["robustness settings differ: device_type cpu -> cuda"]
+
+
+def test_the_robustness_key_names_the_device_that_draws_the_noise(config):
+    assert comparability.robustness_key(config)["device_type"] == "cpu"  # train.device auto, no GPU here
 
 
 def test_throughput_on_different_hardware_is_shown_but_never_a_regression(config):
