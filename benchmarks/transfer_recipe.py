@@ -52,8 +52,9 @@ from food101.dataset import read_meta, select_rows  # noqa: E402
 from food101.devices import resolve_device  # noqa: E402
 from food101.engine import fit, make_trainer  # noqa: E402
 from food101.feed import BatchFeed  # noqa: E402
+from food101.linear_probe import pooled_features  # noqa: E402
 from food101.metrics import Interval, bootstrap_ci  # noqa: E402
-from food101.models import build_model, classifier_head, normalization, replace_head  # noqa: E402
+from food101.models import build_model, normalization, replace_head  # noqa: E402
 
 log = logging.getLogger("transfer_recipe")
 
@@ -140,20 +141,6 @@ def eval_feed(cache: Cache, split: str, net: Pretrained, device: torch.device, b
 # --- the linear probe ------------------------------------------------------------------------------
 
 
-@torch.inference_mode()
-def pooled_features(model: nn.Module, batches: BatchFeed) -> np.ndarray:
-    """The input of the classifier head (the pooled backbone output) for every photo, in order."""
-    captured: list[torch.Tensor] = []
-    hook = classifier_head(model)[1].register_forward_pre_hook(lambda _m, args: captured.append(args[0].float()))
-    model.eval()
-    try:
-        for x, _y in batches:
-            model(x)
-    finally:
-        hook.remove()
-    return torch.cat(captured).cpu().numpy()
-
-
 @dataclasses.dataclass(frozen=True)
 class ProbeResult:
     correct: np.ndarray  # per test photo
@@ -170,7 +157,8 @@ def linear_probe(cache: Cache, net: Pretrained, device: torch.device, seed: int)
     start = time.perf_counter()
     torch.manual_seed(seed)
     model = net.build(len(cache.classes)).to(device)
-    feats = {split: pooled_features(model, eval_feed(cache, split, net, device)) for split in ("train", "val", "test")}
+    feats = {split: pooled_features(model, eval_feed(cache, split, net, device))[0].cpu().numpy()
+             for split in ("train", "val", "test")}
     scaler = StandardScaler().fit(feats["train"])
     x = {split: scaler.transform(f) for split, f in feats.items()}
     y = {split: cache.labels(split) for split in feats}

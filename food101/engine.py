@@ -404,7 +404,8 @@ def _start_head_from_probe(trainer: Trainer, probe_batches: Iterable | None,
                          "(fit's probe_batches)")
     start = time.perf_counter()
     num_classes = classifier_head(trainer.model)[1].weight.shape[0]
-    probe = init_head_from_probe(trainer.model, probe_batches, val_batches, num_classes)
+    probe = init_head_from_probe(trainer.model, probe_batches, val_batches if _has_rows(val_batches) else None,
+                                 num_classes)
     summary = {"probe_penalty": probe.penalty, "probe_train_top1": probe.train_top1,
                "probe_val_top1": probe.val_top1, "probe_time_s": time.perf_counter() - start}
     log.info("%s: head initialised from a linear probe (penalty %g): train top-1 %.4f, val top-1 %s, %.1f s",

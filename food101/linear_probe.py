@@ -129,13 +129,9 @@ def set_head(model: nn.Module, probe: Probe) -> None:
 def init_head_from_probe(model: nn.Module, train_batches: Iterable, val_batches: Iterable | None,
                          num_classes: int) -> Probe:
     """Fit a probe on `train_batches` (the train split without augmentation), choose its penalty on
-    `val_batches`, and start the model's head from it."""
+    `val_batches` (None: no validation photos), and start the model's head from it."""
     train = pooled_features(model, train_batches)
-    val = pooled_features(model, val_batches) if val_batches is not None and _has_rows(val_batches) else None
+    val = pooled_features(model, val_batches) if val_batches is not None else None
     probe = fit_probe(train, val, num_classes)
     set_head(model, probe)
     return probe
-
-
-def _has_rows(batches: Iterable) -> bool:
-    return not hasattr(batches, "__len__") or len(batches) > 0

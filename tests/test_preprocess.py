@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks.preprocess import (
+from food101.cache import (
     CacheChangedError,
     CacheNotReadyError,
     PreprocessError,

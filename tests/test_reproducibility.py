@@ -40,13 +40,31 @@ def cache_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return config.paths.cache
 
 
-class GlobalRandomness:
+class Beside:
+    """A daemon thread running `_run` while the `with` block does its work; stopped at the end."""
+
+    def __init__(self, name: str) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name=name)
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+class GlobalRandomness(Beside):
     """A thread that draws from, and reseeds, every process-wide generator until stopped."""
 
     def __init__(self) -> None:
-        self.stop = threading.Event()
+        super().__init__("global-rng")
         self.draws = 0
-        self.thread = threading.Thread(target=self._run, daemon=True, name="global-rng")
 
     def _run(self) -> None:
         while not self.stop.is_set():
@@ -57,14 +75,6 @@ class GlobalRandomness:
             if self.draws % 50 == 0:
                 torch.manual_seed(self.draws)
             self.stop.wait(0.001)
-
-    def __enter__(self) -> GlobalRandomness:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def _train(root: Path, cache: Path) -> dict[str, torch.Tensor]:
@@ -87,7 +97,7 @@ def test_a_training_beside_a_thread_using_the_global_generators_gives_the_same_w
     assert not different, f"{len(different)} tensors differ, first {different[:3]}"
 
 
-class ExportsBeside:
+class ExportsBeside(Beside):
     """A thread that exports a small model to ONNX again and again until stopped, as export[m]
     does beside later models' trainings in the flow (and, warm, in a long-lived `food101 serve`)."""
 
@@ -97,9 +107,8 @@ class ExportsBeside:
 
         network = build("mobilenet_v3_large", 5, pretrained=False).eval()
         self.module = with_preprocessing(network, [0.5] * 3, [0.5] * 3, 32, 32)
+        super().__init__("exports")
         self.path, self.rounds, self.errors = path, 0, []
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True, name="exports")
 
     def _run(self) -> None:
         from tasks.export import export_onnx
@@ -111,14 +120,6 @@ class ExportsBeside:
                 self.errors.append(exc)
                 return
             self.rounds += 1
-
-    def __enter__(self) -> ExportsBeside:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def test_a_training_beside_an_onnx_export_gives_the_same_weights(cache_path: Path, tmp_path: Path) -> None:
