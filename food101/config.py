@@ -108,6 +108,7 @@ class TrainConfig:
     frozen_batchnorm: bool
     head_init: Literal["zero", "probe"]
     min_scale: float
+    ema_half_life_epochs: float
     early_stopping_patience: int
     seed: int
     seeds: int

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from food101.config import TrainConfig
@@ -63,6 +64,7 @@ class Trainer:
     generator: torch.Generator
     label: str = "model"
     hold_batchnorm: bool = False  # every BatchNorm layer in eval mode while training (recipe.frozen_batchnorm)
+    ema: AveragedModel | None = None  # recipe.ema_half_life_epochs > 0: validated, kept and saved instead of `model`
 
 
 @dataclass
@@ -159,6 +161,7 @@ def make_trainer(
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
     optimizer = make_optimizer(model, recipe, device)
     scheduler = make_scheduler(optimizer, recipe, steps_per_epoch)
+    ema = make_ema(model, recipe, steps_per_epoch)
     forward = model
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
@@ -171,8 +174,30 @@ def make_trainer(
         criterion=nn.CrossEntropyLoss(label_smoothing=recipe.label_smoothing), device=device,
         # bf16 autocast on CUDA: same range as fp32, so no grad scaler (fp16 would need one).
         amp=device.type == "cuda", channels_last=channels_last, generator=generator, label=label,
-        hold_batchnorm=recipe.frozen_batchnorm,
+        hold_batchnorm=recipe.frozen_batchnorm, ema=ema,
     )
+
+
+def ema_decay(half_life_epochs: float, steps_per_epoch: int) -> float:
+    """The per-step decay whose weight on a step halves after `half_life_epochs` epochs."""
+    return 0.5 ** (1.0 / max(1.0, half_life_epochs * steps_per_epoch))
+
+
+def make_ema(model: nn.Module, recipe: TrainConfig, steps_per_epoch: int) -> AveragedModel | None:
+    """An exponential moving average of the weights (torch's AveragedModel), or None when
+    `ema_half_life_epochs` is 0. Buffers are copied, not averaged: BatchNorm statistics follow the
+    trained network (or stay the pretrained ones with frozen_batchnorm)."""
+    if recipe.ema_half_life_epochs <= 0:
+        return None
+    decay = ema_decay(recipe.ema_half_life_epochs, steps_per_epoch)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=False)
+    ema.module.requires_grad_(False)
+    return ema
+
+
+def evaluated_model(trainer: Trainer) -> nn.Module:
+    """The network validation scores and best.pt keeps: the moving average when there is one."""
+    return trainer.model if trainer.ema is None else trainer.ema.module
 
 
 def adapt_batchnorm_momentum(model: nn.Module, steps_per_epoch: int) -> None:
@@ -206,6 +231,8 @@ def train_step(trainer: Trainer, x: torch.Tensor, y: torch.Tensor) -> tuple[torc
     loss.backward()
     trainer.optimizer.step()
     trainer.scheduler.step()
+    if trainer.ema is not None:
+        trainer.ema.update_parameters(trainer.model)
     return loss.detach(), (logits.detach().argmax(1) == y).sum()
 
 
@@ -275,15 +302,18 @@ def train_one_epoch(
 
 @torch.inference_mode()
 def evaluate_batches(trainer: Trainer, batches: Iterable) -> dict[str, float]:
-    """Mean cross-entropy (no label smoothing) and top-1 over every batch."""
-    trainer.model.eval()
+    """Mean cross-entropy (no label smoothing) and top-1 over every batch, of the moving average
+    of the weights when the recipe keeps one."""
+    model = evaluated_model(trainer)
+    model.eval()
+    forward = trainer.forward if model is trainer.model else model
     loss_sum = torch.zeros((), device=trainer.device)
     correct = torch.zeros((), device=trainer.device, dtype=torch.long)
     images = 0
     for x, y in batches:
         x, y = _to_device(trainer, x, y)
         with torch.autocast(trainer.device.type, dtype=torch.bfloat16, enabled=trainer.amp):
-            logits = trainer.forward(x).float()
+            logits = forward(x).float()
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum")
         correct += (logits.argmax(1) == y).sum()
         images += y.shape[0]
@@ -330,6 +360,8 @@ def fit(
         trainer.optimizer.load_state_dict(resume["optimizer"])
         trainer.scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(trainer, resume["rng"])
+        if trainer.ema is not None:
+            trainer.ema.load_state_dict(resume["ema"])
         history = [dict(row) for row in resume["history"]]
         best_epoch, best_val_top1 = resume["best_epoch"], resume["best_val_top1"]
         start_epoch = resume["epoch"] + 1
@@ -374,7 +406,8 @@ def fit(
         is_best = validated["val_top1"] > result.best_val_top1
         if is_best:
             result.best_epoch, result.best_val_top1 = epoch, validated["val_top1"]
-            result.best_state = {k: v.detach().to("cpu", copy=True) for k, v in trainer.model.state_dict().items()}
+            result.best_state = {k: v.detach().to("cpu", copy=True)
+                                 for k, v in evaluated_model(trainer).state_dict().items()}
         log.info("%s epoch %d/%d: train loss %.4f top-1 %.4f | val loss %.4f top-1 %.4f%s | lr %.3g | "
                  "%.0f img/s | %.1f s", trainer.label, epoch, recipe.epochs, record["train_loss"],
                  record["train_top1"], record["val_loss"], record["val_top1"], " (best)" if is_best else "",
@@ -386,6 +419,7 @@ def fit(
                 "scheduler": trainer.scheduler.state_dict(),
                 "epoch": epoch,
                 "rng": rng_state(trainer),
+                "ema": None if trainer.ema is None else trainer.ema.state_dict(),
                 "history": [dict(row) for row in result.history],
                 "best_epoch": result.best_epoch,
                 "best_val_top1": result.best_val_top1,
@@ -415,8 +449,12 @@ def _start_head_from_probe(trainer: Trainer, probe_batches: Iterable | None,
 
 
 def checkpoint_best_state(checkpoint: dict[str, Any]) -> dict[str, torch.Tensor] | None:
-    """The best epoch's weights a checkpoint carries: its own when it is the best epoch."""
+    """The best epoch's weights a checkpoint carries: its own (or its moving average's) when it is
+    the best epoch."""
     if checkpoint["best_epoch"] == checkpoint["epoch"]:
+        if checkpoint.get("ema") is not None:
+            prefix = "module."
+            return {k[len(prefix):]: v for k, v in checkpoint["ema"].items() if k.startswith(prefix)}
         return checkpoint["model"]
     return checkpoint.get("best_state")
 
