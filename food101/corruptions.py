@@ -182,11 +182,13 @@ def _off_centre_crop(x: torch.Tensor, level: float, draws: Draws) -> torch.Tenso
     keep_h, keep_w = max(1, round(level * height)), max(1, round(level * width))
     corners = (draws.uniforms[:, 0] * 4).floor().long().clamp_(max=3).tolist()
 
-    def crop(photos: torch.Tensor, corner: int) -> torch.Tensor:  # cut towards a corner, as a hasty framing
-        top, left = (height - keep_h) * (corner // 2), (width - keep_w) * (corner % 2)
-        return F.resized_crop(photos, top, left, keep_h, keep_w, [height, width], antialias=True)
-
-    return _per_group(x, corners, crop)
+    # Each photo cut towards its corner, as a hasty framing; the cuts stacked channels-last (uint8
+    # resizing is several times faster so on a CPU) and resized as one batch.
+    photos = x.permute(0, 2, 3, 1)
+    tops, lefts = [(height - keep_h) * (c // 2) for c in corners], [(width - keep_w) * (c % 2) for c in corners]
+    cuts = torch.stack([photos[i, top:top + keep_h, left:left + keep_w]
+                        for i, (top, left) in enumerate(zip(tops, lefts, strict=True))])
+    return F.resize(cuts.permute(0, 3, 1, 2), [height, width], antialias=True)
 
 
 Corruption = Callable[[torch.Tensor, float, Draws], torch.Tensor]
