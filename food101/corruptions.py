@@ -8,6 +8,7 @@ No Prefect or MLflow here: the throughput benchmark runs this on machines withou
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Callable
@@ -22,15 +23,19 @@ from food101.config import CORRUPTIONS, RobustnessConfig
 OCCLUSION_GREY = 128
 CPU_CHUNK_PIXELS = 8 * 224 * 224  # 1.2 MB of uint8 photos
 MOTION_DIRECTIONS = 16  # streak directions, 11.25 degrees apart
+NOISE_TABLE_SIZE = 1 << 20  # seeded standard normals that every photo's noise is a window of
+NOISE_TABLE_SEED = 101
 # Bump whenever any corruption's pixels change for the same seed. 2: motion blur, 16 directions per photo.
-CORRUPTIONS_VERSION = 2
+# 3: noise from the seeded table, the same on every device and in every batch.
+CORRUPTIONS_VERSION = 3
 
 
 @dataclass
 class Draws:
-    """The randomness of one corruption at one severity: a generator for noise on the device and
-    two uniforms per photo (positions, signs, directions) drawn up front, so a photo's corruption
-    does not depend on the batch it falls in, nor on the device."""
+    """The randomness of one corruption at one severity: two uniforms per photo (positions, signs,
+    directions, noise offsets) drawn up front, so a photo's corruption does not depend on the batch
+    it falls in, nor on the device. No corruption draws from `generator` since CORRUPTIONS_VERSION 3
+    (a CUDA generator draws other numbers than the CPU's); it stays for the callers' signature."""
 
     generator: torch.Generator
     uniforms: torch.Tensor  # (B, 2) on the images' device, this batch's rows
@@ -77,11 +82,35 @@ def _contrast(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
     return _scale_shift(x, level, (grey * (1 - level)).view(-1, 1, 1, 1))
 
 
+@functools.lru_cache(maxsize=16)
+def noise_table(level: float, length: int, device: torch.device) -> torch.Tensor:
+    """int16 round(255 * level * z) for max(NOISE_TABLE_SIZE, length) standard normals z drawn on
+    the CPU from NOISE_TABLE_SEED, its first `length` values repeated at the end so that a window of
+    `length` starts at any of its positions; x + round(s) is round(x + s) for whole grey levels x."""
+    size = max(NOISE_TABLE_SIZE, length)
+    z = torch.randn(size, generator=torch.Generator().manual_seed(NOISE_TABLE_SEED), dtype=torch.float64)
+    table = z.mul_(255.0 * level).round_().clamp_(-255, 255).to(torch.int16)
+    return torch.cat([table, table[:length]]).to(device)
+
+
+def noise_offsets(uniforms: torch.Tensor, length: int) -> list[int]:
+    """Each photo's window into noise_table, from its first uniform (computed on the CPU)."""
+    size = max(NOISE_TABLE_SIZE, length)
+    return (uniforms[:, 0].cpu().double() * size).long().clamp_(max=size - 1).tolist()
+
+
 def _gaussian_noise(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
-    # Written here: v2's gaussian_noise draws from the global RNG, not from a seeded generator.
-    # The noise is drawn with mean 0.5 so that truncating to uint8 rounds.
-    noise = torch.empty(x.shape, device=x.device).normal_(0.5, 255.0 * level, generator=draws.generator)
-    return noise.add_(x.contiguous()).clamp_(0, 255).to(torch.uint8)
+    # Written here: v2's gaussian_noise draws float noise from the global RNG on the device. Each
+    # photo's noise is a window of a seeded table of rounded normals (window picked by its uniform),
+    # added in int16: the same pixels on every device and in every batch, without a draw per pixel.
+    # Windows of two photos may overlap; within a photo the values are independent draws.
+    height, width = x.shape[-2:]
+    length = 3 * height * width
+    table = noise_table(level, length, x.device)
+    out = x.to(torch.int16)
+    for photo, offset in enumerate(noise_offsets(draws.uniforms, length)):  # (H, W, 3): the cache's order
+        out[photo].add_(table[offset:offset + length].view(height, width, 3).permute(2, 0, 1))
+    return out.clamp_(0, 255).to(torch.uint8)
 
 
 def _gaussian_taps(sigma: float, radius: int) -> list[int]:

@@ -58,17 +58,17 @@ def test_cpu_chunks_give_the_photos_what_one_pass_over_the_batch_gives():
 
     settings = load_config(REPO / "params.yaml").robustness
     photos = _sample_photos(n=CPU_CHUNK_PIXELS // (224 * 224) + 3, side=224)
-    for name in ("brightness_bright", "contrast", "gaussian_blur", "motion_blur", "jpeg", "rotation", "occlusion",
-                 "off_centre_crop"):
+    for name in ("brightness_bright", "contrast", "gaussian_noise", "gaussian_blur", "motion_blur", "jpeg", "rotation",
+                 "occlusion", "off_centre_crop"):
         uniforms = photo_uniforms(settings.seed, name, 4, len(photos))
         chunked = corrupt(photos, name, 4, settings, Draws(torch.Generator(), uniforms))
         whole = OPERATIONS[name](photos, float(settings.levels[name][3]), Draws(torch.Generator(), uniforms))
         assert torch.equal(chunked, whole), name
 
 
-def test_only_noise_takes_the_device_generator_so_other_corruptions_match_on_every_device():
-    """A CUDA generator draws other numbers than the CPU's from the same seed: every corruption but
-    the noise must take its randomness from the photos' uniforms, or a GPU run sees other photos."""
+def test_no_corruption_takes_the_device_generator_so_every_device_and_batch_sees_the_same_photos():
+    """A CUDA generator draws other numbers than the CPU's from the same seed: every corruption, the
+    noise too, takes its randomness from the photos' uniforms, or a GPU run sees other photos."""
     from food101.corruptions import Draws, corrupt, photo_uniforms
 
     settings = load_config(REPO / "params.yaml").robustness
@@ -77,11 +77,29 @@ def test_only_noise_takes_the_device_generator_so_other_corruptions_match_on_eve
         uniforms = photo_uniforms(settings.seed, name, 5, len(photos))
         one = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(1), uniforms))
         other = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(2), uniforms))
-        assert torch.equal(one, other) == (name != "gaussian_noise"), name
-        if name != "gaussian_noise":  # nor on the batch a photo falls in
-            alone = [corrupt(photos[i:i + 1], name, 5, settings, Draws(torch.Generator(), uniforms[i:i + 1]))
-                     for i in range(len(photos))]
-            assert torch.equal(torch.cat(alone), one), name
+        assert torch.equal(one, other), name
+        alone = [corrupt(photos[i:i + 1], name, 5, settings, Draws(torch.Generator(), uniforms[i:i + 1]))
+                 for i in range(len(photos))]  # nor on the batch a photo falls in
+        assert torch.equal(torch.cat(alone), one), name
+
+
+@pytest.mark.parametrize("severity", SEVERITIES)
+def test_the_noise_is_gaussian_with_the_severity_s_sd_and_differs_between_photos(severity):
+    """The noise comes from a seeded table: on mid-grey photos (no clipping below 5 sd) each photo's
+    noise has mean 0 and the level's sd, and no two photos get the same noise."""
+    from food101.corruptions import Draws, corrupt, photo_uniforms
+
+    settings = load_config(REPO / "params.yaml").robustness
+    grey = torch.full((8, 3, 64, 64), 128, dtype=torch.uint8)
+    uniforms = photo_uniforms(settings.seed, "gaussian_noise", severity, len(grey))
+    noise = (corrupt(grey, "gaussian_noise", severity, settings, Draws(torch.Generator(), uniforms)).double()
+             - 128).flatten(1)
+    sd = 255 * settings.levels["gaussian_noise"][severity - 1]
+    clipped = (noise.abs() >= 127).double().mean()
+    assert float(noise.mean(1).abs().max()) < 5 * sd / 110 + 0.5  # 5 standard errors of a mean of 12,288
+    if clipped < 1e-3:
+        assert float(noise.std(1).sub(sd).abs().max()) < 0.05 * sd
+    assert len({tuple(row[:32].tolist()) for row in noise}) == len(grey)
 
 
 def test_corruption_error_is_imagenet_c_s_ratio_of_summed_errors():
