@@ -203,11 +203,34 @@ def _low_resolution(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor
     return F.resize(F.resize(x, [small, small], antialias=True), [side, side], antialias=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _rotation_grid(height: int, width: int, angle: float, device: torch.device) -> torch.Tensor:
+    """F.rotate's sampling grid (1, H, W, 2) for `angle` degrees about the centre, built with the
+    same float32 operations as torchvision's (so the same pixels), once per angle and size."""
+    turn = math.radians(-(angle % 360))  # F.rotate's inverse matrix, shear 0 and scale 1
+    theta = torch.tensor([math.cos(turn), math.sin(turn), 0.0, -math.sin(turn), math.cos(turn), 0.0],
+                         dtype=torch.float32, device=device).reshape(1, 2, 3)
+    base = torch.empty(1, height, width, 3, dtype=torch.float32, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - width) * 0.5, (width - 1.0) * 0.5, steps=width, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - height) * 0.5, (height - 1.0) * 0.5, steps=height, device=device)
+                       .unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    scaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * width, 0.5 * height], dtype=torch.float32, device=device))
+    return base.view(1, height * width, 3).bmm(scaled).view(1, height, width, 2)
+
+
 def _rotation(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
-    # The corners are black (grid_sample's zero padding).
+    # F.rotate's bilinear rotation, its grid cached: F.rotate rebuilds the grid (a bmm over every
+    # pixel) on each call, half its time on a CPU. The corners are black (grid_sample's zero padding).
     clockwise = (draws.uniforms[:, 0] < 0.5).long().tolist()
-    return _per_group(x, clockwise, lambda photos, turn: F.rotate(
-        photos, -level if turn else level, interpolation=F.InterpolationMode.BILINEAR))
+    height, width = x.shape[-2:]
+
+    def turn(photos: torch.Tensor, clockwise: int) -> torch.Tensor:
+        grid = _rotation_grid(height, width, -level if clockwise else level, x.device)
+        return TF.grid_sample(photos.float(), grid.expand(len(photos), -1, -1, -1), mode="bilinear",
+                              padding_mode="zeros", align_corners=False).round_().to(torch.uint8)
+
+    return _per_group(x, clockwise, turn)
 
 
 def _occlusion(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
