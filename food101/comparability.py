@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 # The fields of the key that must agree for two benchmarks to be compared at all.
 COMPARABLE_FIELDS = ("data_hash", "classes", "image_sizes", "evaluate")
 # The robustness settings that change its numbers; within_points and most_hurt_classes change only
-# the report's wording. batch_size counts: the noise is drawn batch by batch; device_type too: a
-# CUDA generator draws other noise than the CPU's from the same seed.
+# the report's wording. The corrupted pixels no longer depend on the batch or the device
+# (CORRUPTIONS_VERSION 3), but the model's outputs do, bit for bit: batch_size and device_type stay.
 ROBUSTNESS_FIELDS = ("corruptions", "severities", "levels", "baseline_model", "seed", "batch_size",
                      "bootstrap_samples", "device_type")
 
