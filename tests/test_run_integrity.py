@@ -19,16 +19,22 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.conftest import REPO, assert_same_predictions, generated_overrides
+from tests.conftest import REPO, assert_same_predictions, generated_overrides, make_config
 
 pytestmark = pytest.mark.slow
 
 FOOD101 = str(Path(sys.executable).parent / "food101")
 KILLS = 5
-# Seconds after start at which each attempt is killed: seeded, so a failure can be replayed.
+# Each attempt is killed this many seconds after it finishes an epoch: inside the training that
+# follows (seeded, so a failure can be replayed). Waiting for an epoch, rather than for a fixed time
+# from the start, puts every kill in training however fast the machine or the Prefect start-up.
 _RNG = random.Random(0)
-KILL_AFTER_S = [_RNG.uniform(5.0, 25.0) for _ in range(KILLS)]
+KILL_AFTER_EPOCH_S = [_RNG.uniform(0.0, 1.5) for _ in range(KILLS)]
 RUN_TIMEOUT_S = 900
+# The demo profile's models with a shorter recipe: 3 models x 4 epochs = 12 epoch ends, more than
+# twice what the five attempts use up (one epoch each, two at most), so each kill lands in training.
+EPOCHS = 4
+RECIPE = {"train.epochs": EPOCHS, "train.overrides": {}}
 
 
 def cli_env() -> dict[str, str]:
@@ -42,7 +48,7 @@ def cli_env() -> dict[str, str]:
 
 
 def run_command(root: Path) -> list[str]:
-    sets = sum((["--set", f"{k}={v}"] for k, v in generated_overrides(root).items()), [])
+    sets = sum((["--set", f"{k}={v}"] for k, v in (generated_overrides(root) | RECIPE).items()), [])
     return [FOOD101, "run", "--profile", "demo", "--params", str(REPO / "params.yaml"), *sets]
 
 
@@ -51,6 +57,11 @@ def accuracy_numbers(summary_path: Path) -> dict[str, dict[str, float]]:
     summary = json.loads(summary_path.read_text())
     keep = ("top1", "top1_ci_low", "top1_ci_high", "top5", "macro_f1", "ece", "n_test")
     return {model: {k: v for k, v in row.items() if k in keep} for model, row in summary["models"].items()}
+
+
+def epochs_done(root: Path) -> int:
+    """Epochs finished so far over every model (history.csv is rewritten, atomically, at each epoch's end)."""
+    return sum(len(path.read_text().splitlines()) - 1 for path in (root / "artifacts" / "models").glob("*/history.csv"))
 
 
 def running_mlflow_runs(tracking_db: Path) -> list[str]:
@@ -65,8 +76,8 @@ def leftover_temp_files(root: Path) -> list[Path]:
 
 
 def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Path):
-    """`food101 run --profile demo` twice, the second killed (SIGKILL) at five seeded points and
-    resumed each time: the same per-photo predictions and accuracy, nothing left behind."""
+    """`food101 run --profile demo` twice, the second killed (SIGKILL) in training at five seeded
+    points and resumed each time: the same per-photo predictions and accuracy, nothing left behind."""
     env = cli_env()
     # The uninterrupted run, in its own Prefect home, runs while the other is killed and resumed.
     whole_log = tmp_path / "whole.log"
@@ -75,7 +86,7 @@ def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Pa
             run_command(tmp_path / "whole"), stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             env={**env, "PREFECT_HOME": str(tmp_path / "prefect-whole")})
     try:
-        descendants = kill_and_resume(run_command(tmp_path / "killed"), env)
+        descendants = kill_and_resume(run_command(tmp_path / "killed"), env, tmp_path / "killed")
         returncode = uninterrupted_run.wait(timeout=RUN_TIMEOUT_S)
     finally:
         if uninterrupted_run.poll() is None:  # this test failed: stop its server too
@@ -87,6 +98,7 @@ def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Pa
     whole = tmp_path / "whole"
     models = sorted(json.loads((whole / "reports" / "summary.json").read_text())["models"])
     assert len(models) >= 3
+    assert epochs_done(whole) == epochs_done(root) == EPOCHS * len(models)  # no early stop: every kill was in training
     assert_same_predictions(whole / "artifacts" / "eval", root / "artifacts" / "eval", models)
     resumed, uninterrupted = (accuracy_numbers(r / "reports" / "summary.json") for r in (root, whole))
     assert resumed.keys() == uninterrupted.keys()
@@ -101,22 +113,29 @@ def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Pa
     assert alive == [], f"processes of killed runs still alive: {[_describe(p) for p in alive]}"
 
 
-def kill_and_resume(command: list[str], env: dict[str, str]) -> set[int]:
-    """Run `command`, SIGKILL it at each of KILL_AFTER_S, then run it to the end; the PIDs of the
-    killed attempts' processes come back."""
+def kill_and_resume(command: list[str], env: dict[str, str], root: Path) -> set[int]:
+    """Run `command` writing under `root`, SIGKILL it KILL_AFTER_EPOCH_S after each attempt's first
+    finished epoch, then run it to the end; the PIDs of the killed attempts' processes come back."""
     descendants: set[int] = set()
-    for attempt, delay in enumerate(KILL_AFTER_S, 1):
-        proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + delay
-        while time.monotonic() < deadline and proc.poll() is None:
+    total = EPOCHS * len(make_config(root).models)
+    for attempt, delay in enumerate(KILL_AFTER_EPOCH_S, 1):
+        before = epochs_done(root)
+        log = root.parent / f"attempt-{attempt}.log"  # a file, not a pipe: a full pipe would stall the run
+        with open(log, "w") as out:
+            proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=out)
+        deadline, kill_at = time.monotonic() + RUN_TIMEOUT_S, None
+        while proc.poll() is None and time.monotonic() < (kill_at or deadline):
             descendants |= {child.pid for child in psutil.Process(proc.pid).children(recursive=True)}
-            time.sleep(0.2)
+            if kill_at is None and epochs_done(root) > before:
+                kill_at = time.monotonic() + delay
+            time.sleep(0.1)
         if proc.poll() is not None:
-            pytest.fail(f"attempt {attempt} ended by itself before its kill at {delay:.1f} s: "
-                        f"{proc.stderr.read()[-2000:]}")
+            pytest.fail(f"attempt {attempt} ended by itself before its kill ({epochs_done(root)} epochs done): "
+                        f"{log.read_text()[-2000:]}")
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-        proc.stderr.close()
+        assert kill_at is not None, f"attempt {attempt} finished no epoch in {RUN_TIMEOUT_S} s"
+        assert before < epochs_done(root) < total, f"attempt {attempt} was not killed in training"
 
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
