@@ -167,17 +167,20 @@ def test_registered_ensemble_predicts_the_weighted_mean_of_its_member_versions(s
 
 
 def test_an_ensemble_in_the_demo_flow_appears_wherever_a_model_does(tmp_path, prefect_harness):
-    """The whole demo flow once, with an ensemble of two of its models (short training)."""
+    """The whole demo flow once, on two of its models and their ensemble (short training): a model
+    outside the ensemble would add its own training, evaluation, export and robustness, and no check."""
     from flows.benchmark import benchmark
     from tasks.report import read_summary
     from tests.conftest import REPO, generated_overrides
 
     name, members = "effnet_plus_mobilenet", ["efficientnet_b0", "mobilenet_v3_large"]
     overrides = generated_overrides(tmp_path) | {
-        "ensembles": [{"name": name, "members": members}], "train.epochs": 2, "train.overrides": {}}
+        "models": members, "ensembles": [{"name": name, "members": members}], "train.epochs": 2,
+        "train.overrides": {}}
     with single_torch_thread():
         result = benchmark(profile="demo", overrides=overrides, params_file=str(REPO / "params.yaml"))
-    config = make_config(tmp_path, ensembles=overrides["ensembles"], train__epochs=2, train__overrides={})
+    config = make_config(tmp_path, models=members, ensembles=overrides["ensembles"], train__epochs=2,
+                         train__overrides={})
     assert set(result["ensembles"]) == {name} and result["failures"] == {}
     summary = read_summary(config)
     row = summary["models"][name]
