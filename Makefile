@@ -22,8 +22,12 @@ $(STAMP): $(BIN)/python pyproject.toml constraints.txt
 demo: $(STAMP)  ## set up, then run the whole benchmark on data/sample (CPU, a few minutes)
 	$(BIN)/food101 run --profile demo
 
+# Two pytest-xdist workers, a file at a time; the files that use the session's demo run share one
+# worker (tests/conftest.py), and each worker gets its share of the torch threads.
+TEST_WORKERS ?= 2
+
 test: $(STAMP) browser  ## set up, then run the test suite
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 lint: $(STAMP)  ## ruff
 	$(BIN)/ruff check .

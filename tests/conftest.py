@@ -31,6 +31,11 @@ os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(_STATE / "dvc-global")
 os.environ["TORCH_HOME"] = str(_STATE / "torch")  # no pretrained weights unless a test puts them there
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FOOD101_PARAMS", None)
+# Under pytest-xdist (`make test`) the workers share the cores: each gets its share of threads, as
+# food101.devices advises for processes sharing a machine, unless OMP_NUM_THREADS is already set.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    _share = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, _share)))
 
 from food101 import env  # noqa: E402
 
@@ -40,6 +45,28 @@ env.configure(REPO)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remove this run's state (Prefect, DVC and torch homes: hundreds of MB a run); keep the template DB."""
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadfile` (make test), with every file that uses the session's demo run on one worker,
+    which then runs it once. (xdist_group marks would say it per test, but pytest-xdist 3.8 cannot
+    read them under pytest 9.2: its group suffix on node ids no longer takes.)"""
+    if config.getoption("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    uses_demo_run: dict[str, bool] = {}
+
+    class DemoRunScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            module = nodeid.split("::", 1)[0]
+            if module not in uses_demo_run:
+                path = Path(config.rootpath) / module
+                uses_demo_run[module] = path.is_file() and "demo_run" in path.read_text()
+            return "demo_run" if uses_demo_run[module] else module
+
+    return DemoRunScheduling(config, log)
 
 
 def _seed_tracking_db(db: Path) -> None:
