@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -47,6 +48,30 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     shutil.rmtree(_STATE, ignore_errors=True)
 
 
+@functools.cache
+def _file_says(module: str, text: str) -> bool:
+    """Whether the test file `module` (a node id's path) contains `text`."""
+    path = REPO / module
+    return path.is_file() and text in path.read_text()
+
+
+def _uses_demo_run(module: str) -> bool:
+    return _file_says(module, "demo_run")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On an xdist worker: the longest files first, as `--dist loadfile` hands them out in collection
+    order, so that neither worker is left with one at the end (the demo run's files, then the slow ones)."""
+    if not hasattr(config, "workerinput"):
+        return
+
+    def rank(item: pytest.Item) -> int:
+        module = item.nodeid.split("::", 1)[0]
+        return 0 if _uses_demo_run(module) else 1 if _file_says(module, "pytestmark = pytest.mark.slow") else 2
+
+    items.sort(key=rank)  # stable: each file's tests keep their order
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
     """`--dist loadfile` (make test), with every file that uses the session's demo run on one worker,
@@ -56,15 +81,12 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    uses_demo_run: dict[str, bool] = {}
+    config.option.loadscopereorder = False  # keep the collection's order (above), not the biggest files first
 
     class DemoRunScheduling(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             module = nodeid.split("::", 1)[0]
-            if module not in uses_demo_run:
-                path = Path(config.rootpath) / module
-                uses_demo_run[module] = path.is_file() and "demo_run" in path.read_text()
-            return "demo_run" if uses_demo_run[module] else module
+            return "demo_run" if _uses_demo_run(module) else module
 
     return DemoRunScheduling(config, log)
 
