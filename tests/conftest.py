@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import atexit
 import functools
 import os
 import shutil
@@ -46,6 +47,11 @@ env.configure(REPO)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Remove this run's state (Prefect, DVC and torch homes: hundreds of MB a run); keep the template DB."""
     shutil.rmtree(_STATE, ignore_errors=True)
+
+
+# Prefect and matplotlib make their (empty) homes again while the process exits, after
+# pytest_sessionfinish: registered before they are imported, this runs after their exit handlers.
+atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 
 
 @functools.cache
