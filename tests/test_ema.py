@@ -104,4 +104,5 @@ def test_without_a_half_life_there_is_no_average(tmp_path) -> None:
 def test_a_negative_half_life_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="ema_half_life_epochs"):
         load_config(REPO / "params.yaml", overrides={"train.ema_half_life_epochs": -1})
-    assert math.isclose(load_config(REPO / "params.yaml").train.ema_half_life_epochs, 0.0)
+    # Trained from scratch in a few steps an epoch, the demo keeps no average (it would lag the weights).
+    assert math.isclose(load_config(REPO / "params.yaml", profile="demo").train.ema_half_life_epochs, 0.0)
