@@ -62,10 +62,9 @@ def batched(images: np.ndarray, settings: RobustnessConfig, name: str, severity:
     """Seconds for the stage's path under one corruption (uint8 array in, uint8 array out)."""
     start = time.perf_counter()
     uniforms = photo_uniforms(settings.seed, name, severity, len(images)).to(device)
-    generator = torch.Generator(device=device).manual_seed(condition_seed(settings.seed, name, severity))
     for first in range(0, len(images), batch):
         x = torch.from_numpy(images[first:first + batch]).to(device).permute(0, 3, 1, 2)
-        out = corrupt(x, name, severity, settings, Draws(generator, uniforms[first:first + batch]))
+        out = corrupt(x, name, severity, settings, Draws(uniforms[first:first + batch]))
         out.permute(0, 2, 3, 1).cpu().numpy()
     if device.type == "cuda":
         torch.cuda.synchronize(device)

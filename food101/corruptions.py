@@ -34,10 +34,8 @@ CORRUPTIONS_VERSION = 3
 class Draws:
     """The randomness of one corruption at one severity: two uniforms per photo (positions, signs,
     directions, noise offsets) drawn up front, so a photo's corruption does not depend on the batch
-    it falls in, nor on the device. No corruption draws from `generator` since CORRUPTIONS_VERSION 3
-    (a CUDA generator draws other numbers than the CPU's); it stays for the callers' signature."""
+    it falls in, nor on the device (a CUDA generator draws other numbers than the CPU's)."""
 
-    generator: torch.Generator
     uniforms: torch.Tensor  # (B, 2) on the images' device, this batch's rows
 
 
@@ -87,15 +85,20 @@ def noise_table(level: float, length: int, device: torch.device) -> torch.Tensor
     """int16 round(255 * level * z) for max(NOISE_TABLE_SIZE, length) standard normals z drawn on
     the CPU from NOISE_TABLE_SEED, its first `length` values repeated at the end so that a window of
     `length` starts at any of its positions; x + round(s) is round(x + s) for whole grey levels x."""
-    size = max(NOISE_TABLE_SIZE, length)
+    size = _noise_table_size(length)
     z = torch.randn(size, generator=torch.Generator().manual_seed(NOISE_TABLE_SEED), dtype=torch.float64)
     table = z.mul_(255.0 * level).round_().clamp_(-255, 255).to(torch.int16)
     return torch.cat([table, table[:length]]).to(device)
 
 
+def _noise_table_size(length: int) -> int:
+    """Distinct values in noise_table: at least a photo's worth."""
+    return max(NOISE_TABLE_SIZE, length)
+
+
 def noise_offsets(uniforms: torch.Tensor, length: int) -> list[int]:
     """Each photo's window into noise_table, from its first uniform (computed on the CPU)."""
-    size = max(NOISE_TABLE_SIZE, length)
+    size = _noise_table_size(length)
     return (uniforms[:, 0].cpu().double() * size).long().clamp_(max=size - 1).tolist()
 
 
@@ -297,5 +300,5 @@ def corrupt(x: torch.Tensor, corruption: str, severity: int, settings: Robustnes
     step = len(x) if whole else max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
     if step >= len(x):
         return operation(x, level, draws)
-    return torch.cat([operation(x[i:i + step], level, Draws(draws.generator, draws.uniforms[i:i + step]))
+    return torch.cat([operation(x[i:i + step], level, Draws(draws.uniforms[i:i + step]))
                       for i in range(0, len(x), step)])

@@ -2,7 +2,7 @@
 
 ImageNet-C's method (Hendrycks & Dietterich, 2019) on Food-101's test split: each corruption of
 `robustness.corruptions` at each severity of `robustness.severities`, applied to the uint8 cache
-on the model's device in batches, with one seeded generator per corruption and severity so two
+on the model's device in batches, with seeded draws per photo, corruption and severity so two
 benchmarks see the same corrupted photos. Outputs in `paths.robustness/<model>/`:
 `robustness.json` (accuracy per corruption and severity with bootstrap CIs, mean corruption
 accuracy, relative robustness, the classes hurt most) and `per_photo.parquet`.
@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from food101 import metrics
 from food101.config import CORRUPTIONS, SEVERITIES, Config, RobustnessConfig
-from food101.corruptions import OPERATIONS, Draws, condition_seed, corrupt, photo_uniforms  # noqa: F401 (re-exported)
+from food101.corruptions import OPERATIONS, Draws, corrupt, photo_uniforms  # noqa: F401 (re-exported)
 from food101.devices import training_slots
 from food101.errors import Food101Error
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
@@ -89,7 +89,6 @@ def classify(
     """Top-1 predictions (N,) of `network` on the test photos under one corruption and severity."""
     n = len(photos.labels)
     uniforms = photo_uniforms(settings.seed, corruption, severity, n).to(device)
-    generator = torch.Generator(device=device).manual_seed(condition_seed(settings.seed, corruption, severity))
     # As BatchFeed's evaluation path, so that severity 0 reproduces evaluate's predictions exactly.
     std_t = torch.tensor(std, dtype=torch.float32)
     scale = (1.0 / (255.0 * std_t)).view(1, 3, 1, 1).to(device)
@@ -100,7 +99,7 @@ def classify(
             stop = min(n, start + settings.batch_size)
             pixels = torch.from_numpy(np.array(photos.images[start:stop])).to(device)  # a copy: the memmap is read-only
             x = corrupt(pixels.permute(0, 3, 1, 2), corruption, severity, settings,
-                        Draws(generator, uniforms[start:stop])).float()
+                        Draws(uniforms[start:stop])).float()
             if x.shape[-2:] != (image_size, image_size):
                 x = TF.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True,
                                    align_corners=False)
@@ -221,8 +220,7 @@ def plot_examples(photo: np.ndarray, settings: RobustnessConfig, title: str):
     x = torch.from_numpy(np.array(photo))[None].permute(0, 3, 1, 2)
     for row, name in enumerate(names):
         for col, severity in enumerate([0, *severities]):
-            draws = Draws(torch.Generator().manual_seed(condition_seed(settings.seed, name, severity)),
-                          photo_uniforms(settings.seed, name, severity, 1))
+            draws = Draws(photo_uniforms(settings.seed, name, severity, 1))
             image = corrupt(x, name, severity, settings, draws)[0].permute(1, 2, 0).numpy()
             ax = axes[row][col]
             ax.imshow(image)

@@ -117,8 +117,8 @@ def test_a_short_fit_on_cuda_runs_and_checkpoints_the_gpu_rng(photos) -> None:
 
 
 # Corruptions on the GPU give the CPU's pixels: exact where the arithmetic is integer or libjpeg's
-# (the JPEG goes through the CPU), within the stated grey levels where CUDA's float kernels round
-# differently; noise differs draw by draw (CUDA's generator is not the CPU's) but not in size.
+# (the JPEG goes through the CPU; the noise is the CPU's table added in int16), within the stated
+# grey levels where CUDA's float kernels round differently.
 CORRUPTION_TOLERANCE = {  # corruption: (largest difference, share of pixels that may differ)
     "contrast": (1, 0.05), "low_resolution": (2, 0.05), "rotation": (2, 0.02), "off_centre_crop": (2, 0.05),
 }
@@ -127,7 +127,7 @@ CORRUPTION_TOLERANCE = {  # corruption: (largest difference, share of pixels tha
 @pytest.mark.parametrize("side", [40, 96])
 def test_every_corruption_on_cuda_matches_the_cpu_and_stays_uint8_there(side: int) -> None:
     from food101.config import CORRUPTIONS, SEVERITIES
-    from food101.corruptions import Draws, condition_seed, corrupt, photo_uniforms
+    from food101.corruptions import Draws, corrupt, photo_uniforms
 
     settings = load_config(REPO / "params.yaml").robustness
     paths = sorted((SAMPLE / "images").glob("*/*.jpg"))[::17][:6]
@@ -139,20 +139,14 @@ def test_every_corruption_on_cuda_matches_the_cpu_and_stays_uint8_there(side: in
     gpu_photos = cpu_photos.to(CUDA)
     for name in CORRUPTIONS:
         for severity in SEVERITIES:
-            seed = condition_seed(settings.seed, name, severity)
             uniforms = photo_uniforms(settings.seed, name, severity, len(cpu_photos))
-            on_cpu = corrupt(cpu_photos, name, severity, settings, Draws(torch.Generator().manual_seed(seed), uniforms))
-            on_gpu = corrupt(gpu_photos, name, severity, settings,
-                             Draws(torch.Generator(device=CUDA).manual_seed(seed), uniforms.to(CUDA)))
+            on_cpu = corrupt(cpu_photos, name, severity, settings, Draws(uniforms))
+            on_gpu = corrupt(gpu_photos, name, severity, settings, Draws(uniforms.to(CUDA)))
             label = f"{name} severity {severity} at {side} px"
             assert on_gpu.dtype == torch.uint8 and on_gpu.device.type == "cuda", label
             assert on_gpu.shape == cpu_photos.shape, label
             difference = (on_gpu.cpu().int() - on_cpu.int()).abs()
-            if name == "gaussian_noise":
-                cpu_size = float((on_cpu.float() - cpu_photos.float()).abs().mean())
-                gpu_size = float((on_gpu.cpu().float() - cpu_photos.float()).abs().mean())
-                assert gpu_size == pytest.approx(cpu_size, rel=0.05), label
-            elif name in CORRUPTION_TOLERANCE:
+            if name in CORRUPTION_TOLERANCE:
                 largest, share = CORRUPTION_TOLERANCE[name]
                 assert int(difference.max()) <= largest, f"{label}: {int(difference.max())} grey levels"
                 assert float((difference > 0).float().mean()) <= share, label

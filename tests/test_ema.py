@@ -63,12 +63,13 @@ def test_validation_and_the_best_weights_are_the_moving_average_not_the_last_ste
     assert result.history[-1]["val_top1"] == evaluate_batches(trainer, val)["val_top1"]
     trainer.ema = None
     assert evaluate_batches(trainer, val)["val_loss"] != result.history[-1]["val_loss"]
-    best = result.best_state
-    if result.best_epoch == plan.epochs:
-        assert all(torch.equal(best[k], averaged[k]) for k in averaged)
-    # The checkpoint's best weights are the average's, whichever epoch was best.
-    from_checkpoint = checkpoint_best_state(checkpoints[result.best_epoch - 1])
-    assert set(from_checkpoint) == set(raw)
+    # The best weights are the average's at the best epoch, not the trained network's.
+    best, at_best = result.best_state, checkpoints[result.best_epoch - 1]
+    assert set(best) == set(raw)
+    assert all(torch.equal(best[k], at_best["ema"][f"module.{k}"]) for k in best)
+    assert not torch.equal(best["5.weight"], at_best["model"]["5.weight"])
+    # The checkpoint gives the same weights back (best.pt is rebuilt from it when lost).
+    from_checkpoint = checkpoint_best_state(at_best)
     assert all(torch.equal(from_checkpoint[k], best[k]) for k in best)
 
 

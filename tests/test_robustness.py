@@ -29,10 +29,9 @@ def _sample_photos(n: int = 16, side: int = 64) -> torch.Tensor:
 
 
 def _corrupted(x: torch.Tensor, name: str, severity: int, settings) -> torch.Tensor:
-    from tasks.robustness import Draws, condition_seed, corrupt, photo_uniforms
+    from tasks.robustness import Draws, corrupt, photo_uniforms
 
-    draws = Draws(torch.Generator().manual_seed(condition_seed(settings.seed, name, severity)),
-                  photo_uniforms(settings.seed, name, severity, len(x)))
+    draws = Draws(photo_uniforms(settings.seed, name, severity, len(x)))
     return corrupt(x, name, severity, settings, draws)
 
 
@@ -61,24 +60,27 @@ def test_cpu_chunks_give_the_photos_what_one_pass_over_the_batch_gives():
     for name in ("brightness_bright", "contrast", "gaussian_noise", "gaussian_blur", "motion_blur", "jpeg", "rotation",
                  "occlusion", "off_centre_crop"):
         uniforms = photo_uniforms(settings.seed, name, 4, len(photos))
-        chunked = corrupt(photos, name, 4, settings, Draws(torch.Generator(), uniforms))
-        whole = OPERATIONS[name](photos, float(settings.levels[name][3]), Draws(torch.Generator(), uniforms))
+        chunked = corrupt(photos, name, 4, settings, Draws(uniforms))
+        whole = OPERATIONS[name](photos, float(settings.levels[name][3]), Draws(uniforms))
         assert torch.equal(chunked, whole), name
 
 
-def test_no_corruption_takes_the_device_generator_so_every_device_and_batch_sees_the_same_photos():
+def test_no_corruption_draws_from_a_generator_so_every_device_and_batch_sees_the_same_photos():
     """A CUDA generator draws other numbers than the CPU's from the same seed: every corruption, the
-    noise too, takes its randomness from the photos' uniforms, or a GPU run sees other photos."""
+    noise too, takes its randomness from the photos' uniforms (not torch's global generator), or a
+    GPU run sees other photos."""
     from food101.corruptions import Draws, corrupt, photo_uniforms
 
     settings = load_config(REPO / "params.yaml").robustness
     photos = _sample_photos(n=6)
     for name in CORRUPTIONS:
         uniforms = photo_uniforms(settings.seed, name, 5, len(photos))
-        one = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(1), uniforms))
-        other = corrupt(photos, name, 5, settings, Draws(torch.Generator().manual_seed(2), uniforms))
+        torch.manual_seed(1)
+        one = corrupt(photos, name, 5, settings, Draws(uniforms))
+        torch.manual_seed(2)
+        other = corrupt(photos, name, 5, settings, Draws(uniforms))
         assert torch.equal(one, other), name
-        alone = [corrupt(photos[i:i + 1], name, 5, settings, Draws(torch.Generator(), uniforms[i:i + 1]))
+        alone = [corrupt(photos[i:i + 1], name, 5, settings, Draws(uniforms[i:i + 1]))
                  for i in range(len(photos))]  # nor on the batch a photo falls in
         assert torch.equal(torch.cat(alone), one), name
 
@@ -92,7 +94,7 @@ def test_the_noise_is_gaussian_with_the_severity_s_sd_and_differs_between_photos
     settings = load_config(REPO / "params.yaml").robustness
     grey = torch.full((8, 3, 64, 64), 128, dtype=torch.uint8)
     uniforms = photo_uniforms(settings.seed, "gaussian_noise", severity, len(grey))
-    noise = (corrupt(grey, "gaussian_noise", severity, settings, Draws(torch.Generator(), uniforms)).double()
+    noise = (corrupt(grey, "gaussian_noise", severity, settings, Draws(uniforms)).double()
              - 128).flatten(1)
     sd = 255 * settings.levels["gaussian_noise"][severity - 1]
     clipped = (noise.abs() >= 127).double().mean()
