@@ -5,16 +5,23 @@ photos (data/sample decoded to `--size` px squares, replicated to `--images`), f
 array the cache holds to a uint8 array again. The stage's path is `food101.corruptions.corrupt` on
 batches of `--batch` photos on `--device`; the baseline opens each photo as a PIL image and uses
 PIL's own operations (ImageEnhance, GaussianBlur, a 5x5 kernel for motion blur, JPEG through
-BytesIO, resize, rotate, a drawn rectangle, crop) and, for the noise, the stage's own definition in
-numpy: a window of the same seeded table of rounded normals added to each photo (drawing fresh
-normals per photo would time a costlier corruption than the stage's). No model runs: this measures
+BytesIO, resize, rotate, a drawn rectangle, crop) and, where Pillow has no such operation, the
+stage's own definition in numpy, one photo at a time: for the noise a window of the same seeded
+table of rounded normals (drawing fresh normals per photo would time a costlier corruption than the
+stage's), for motion blur the same streak (Pillow's kernels stop at 5x5, a shorter streak). No model runs: this measures
 the corruptions, not the classification (which is evaluate's forward pass, timed there).
 
     .venv/bin/python benchmarks/robustness_throughput.py [--images 512] [--size 224] [--severity 3] [--device cuda]
+        [--threads 1 2]
 
-The last line printed is one JSON object; `ratio` is batched images/s over the PIL loop's, and
-`per_corruption` gives each path's milliseconds per photo (the best of `--repeats`, the two paths
-alternating) and their ratio.
+The stage's path runs with as many torch threads as the stage gets (torch's default: the cores),
+the PIL loop on one (Pillow works one photo at a time on one core). On a CPU the batched path is
+timed at each of `--threads` (default: 1 and torch's default), so that the gain from batching
+alone (`ratio_one_thread`) is printed beside the stage's as it runs (`ratio`).
+
+The last line printed is one JSON object; `ratio` is batched images/s over the PIL loop's at
+torch's default thread count, and `per_corruption` gives each path's milliseconds per photo (the
+best of `--repeats`, the paths alternating) and their ratio at each thread count.
 """
 
 from __future__ import annotations
@@ -41,7 +48,16 @@ import torch  # noqa: E402
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter  # noqa: E402
 
 from food101.config import RobustnessConfig, load_config  # noqa: E402
-from food101.corruptions import Draws, condition_seed, corrupt, noise_table, photo_uniforms  # noqa: E402
+from food101.corruptions import (  # noqa: E402
+    MOTION_DIRECTIONS,
+    Draws,
+    condition_seed,
+    corrupt,
+    motion_offsets,
+    motion_reach,
+    noise_table,
+    photo_uniforms,
+)
 
 
 def sample_photos(count: int, size: int) -> np.ndarray:
@@ -85,8 +101,15 @@ def _pil_one(image: Image.Image, name: str, level: float, rng: np.random.Generat
         return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
     if name == "gaussian_blur":
         return image.filter(ImageFilter.GaussianBlur(max(level * side, 0.3)))
-    if name == "motion_blur":  # PIL's largest kernel is 5x5: a shorter streak than the stage's
-        return image.filter(ImageFilter.Kernel((5, 5), [1 if r == 2 else 0 for r in range(5) for _ in range(5)], 5))
+    if name == "motion_blur":  # PIL's kernels stop at 5x5: the stage's streak, shifted copies summed in numpy
+        reach = motion_reach(level, side)
+        direction = min(int(rng.random() * MOTION_DIRECTIONS), MOTION_DIRECTIONS - 1)
+        offsets = motion_offsets(reach, direction)
+        padded = np.pad(np.asarray(image, dtype=np.int16), ((reach, reach), (reach, reach), (0, 0)), mode="reflect")
+        total = np.zeros((side, side, 3), dtype=np.int16)
+        for dy, dx in offsets:
+            total += padded[reach + dy:reach + dy + side, reach + dx:reach + dx + side]
+        return Image.fromarray((total.astype(np.float32) * np.float32(1 / len(offsets)) + 0.5).astype(np.uint8))
     if name == "jpeg":
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=int(level))
@@ -129,33 +152,50 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, nargs="+", default=None,
+                        help="torch thread counts for the batched path on a CPU (default: 1 and torch's default)")
     args = parser.parse_args()
     settings = load_config(REPO / "params.yaml").robustness
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA GPU; use --device cpu")
+    default_threads = torch.get_num_threads()
+    threads = sorted(set(args.threads or [1, default_threads]))
+    if min(threads) < 1:
+        parser.error(f"--threads {threads}: thread counts start at 1")
+    headline = default_threads if default_threads in threads else max(threads)
     images = sample_photos(args.images, args.size)
     per_corruption = {}
     for name in settings.corruptions:  # each timed alone, the best of --repeats, both paths alike
-        batched(images[: args.batch], settings, name, args.severity, args.batch, device)  # warm-up
+        fast = dict.fromkeys(threads, math.inf)
+        slow = math.inf
+        for count in threads:  # warm-up, the rotation grids and codec threads included
+            torch.set_num_threads(count)
+            batched(images[: args.batch], settings, name, args.severity, args.batch, device)
         pil_loop(images[:8], settings, name, args.severity)
-        fast = slow = math.inf
-        for _ in range(args.repeats):  # alternating, so that a change in the machine's load hits both
-            fast = min(fast, batched(images, settings, name, args.severity, args.batch, device))
+        for _ in range(args.repeats):  # alternating, so that a change in the machine's load hits every path
+            for count in threads:
+                torch.set_num_threads(count)
+                fast[count] = min(fast[count], batched(images, settings, name, args.severity, args.batch, device))
             slow = min(slow, pil_loop(images, settings, name, args.severity))
-        per_corruption[name] = {"batched_ms": round(1e3 * fast / len(images), 4),
-                                "pil_loop_ms": round(1e3 * slow / len(images), 4), "ratio": round(slow / fast, 2)}
-    fast = sum(v["batched_ms"] for v in per_corruption.values())
+        per_corruption[name] = {
+            "pil_loop_ms": round(1e3 * slow / len(images), 4),
+            "batched_ms": {count: round(1e3 * fast[count] / len(images), 4) for count in threads},
+            "ratio": {count: round(slow / fast[count], 2) for count in threads},
+        }
+    torch.set_num_threads(default_threads)
     slow = sum(v["pil_loop_ms"] for v in per_corruption.values())
+    fast = {count: sum(v["batched_ms"][count] for v in per_corruption.values()) for count in threads}
     print(json.dumps({
         "benchmark": "robustness_throughput", "images": args.images, "size": args.size,
         "corruptions": len(settings.corruptions), "severity": args.severity, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-        "batched_ips": round(1e3 * len(per_corruption) / fast, 1),
-        "pil_loop_ips": round(1e3 * len(per_corruption) / slow, 1), "ratio": round(slow / fast, 2),
+        "torch_threads": headline, "batched_ips": round(1e3 * len(per_corruption) / fast[headline], 1),
+        "pil_loop_ips": round(1e3 * len(per_corruption) / slow, 1), "ratio": round(slow / fast[headline], 2),
+        "ratio_one_thread": round(slow / fast[1], 2) if 1 in fast else None,
+        "ratio_by_threads": {count: round(slow / fast[count], 2) for count in threads},
         "per_corruption": per_corruption,
-        "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "machine": platform.machine(),
-        "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
     }))
 
 

@@ -12,6 +12,7 @@ import functools
 import math
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -172,32 +173,54 @@ def _motion_blur(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
     # photo shifted along the line: one add per point, where a dense L x L convolution does L * L.
     # Each photo's direction is one of MOTION_DIRECTIONS, picked by its own uniform, so a photo gets
     # the same streak on every device and in every chunk (the device generators differ).
-    length = max(3, round(level * x.shape[-1]) | 1)
-    reach = length // 2
-    steps = torch.linspace(-1, 1, 4 * length).tolist()
+    reach = motion_reach(level, x.shape[-1])
     directions = (draws.uniforms[:, 0] * MOTION_DIRECTIONS).long().clamp_(max=MOTION_DIRECTIONS - 1).tolist()
     height, width = x.shape[-2:]
 
     def streak(photos: torch.Tensor, direction: int) -> torch.Tensor:
-        angle = direction * math.pi / MOTION_DIRECTIONS
-        offsets = {(round(v * reach * math.sin(angle)), round(v * reach * math.cos(angle))) for v in steps}
+        offsets = motion_offsets(reach, direction)
         # Sums in int16: at most ~2 * length points of 255 each, far inside its range.
         padded = TF.pad(photos, [reach] * 4, mode="reflect").to(torch.int16)
         total = torch.zeros(photos.shape, dtype=torch.int16, device=x.device)
-        for dy, dx in sorted(offsets):
+        for dy, dx in offsets:
             total += padded[..., reach + dy:reach + dy + height, reach + dx:reach + dx + width]
         return total.float().mul_(1 / len(offsets)).add_(0.5).to(torch.uint8)
 
     return _per_group(x, directions, streak)
 
 
+def motion_reach(level: float, side: int) -> int:
+    """Half the streak's length in pixels: the length is `level` of the side, odd, at least 3."""
+    return max(3, round(level * side) | 1) // 2
+
+
+def motion_offsets(reach: int, direction: int) -> list[tuple[int, int]]:
+    """The (dy, dx) pixel offsets a streak of half-length `reach` in `direction` averages, each once."""
+    angle = direction * math.pi / MOTION_DIRECTIONS
+    steps = torch.linspace(-1, 1, 4 * (2 * reach + 1)).tolist()
+    return sorted({(round(v * reach * math.sin(angle)), round(v * reach * math.cos(angle))) for v in steps})
+
+
+@functools.lru_cache(maxsize=4)
+def _codec_threads(workers: int) -> ThreadPoolExecutor:
+    """Threads for libjpeg, kept for the process: torch runs it on one core per call."""
+    return ThreadPoolExecutor(workers, thread_name_prefix="food101-jpeg")
+
+
 def _jpeg(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
     # torchvision encodes a CUDA tensor with nvjpeg, then refuses to decode bytes held on the GPU
     # (0.26 to 0.29), and nvjpeg's encoder is not libjpeg's: libjpeg on the CPU and back gives
-    # every device the same pixels.
-    if x.device.type == "cpu":
-        return F.jpeg(x, int(level))
-    return F.jpeg(x.cpu(), int(level)).to(x.device)
+    # every device the same pixels. libjpeg codes one photo at a time on one core and releases the
+    # GIL, so the batch is split over as many threads as torch uses for its own operations (one
+    # thread under OMP_NUM_THREADS=1): each photo is coded alone, so the pixels do not depend on it.
+    photos = x.cpu()
+    workers = min(torch.get_num_threads(), len(photos))
+    if workers <= 1:
+        out = F.jpeg(photos, int(level))
+    else:
+        parts = _codec_threads(workers).map(lambda part: F.jpeg(part, int(level)), photos.tensor_split(workers))
+        out = torch.cat(list(parts))
+    return out.to(x.device)
 
 
 def _low_resolution(x: torch.Tensor, level: float, draws: Draws) -> torch.Tensor:
@@ -271,8 +294,9 @@ OPERATIONS: dict[str, Corruption] = {
     "off_centre_crop": _off_centre_crop,
 }
 # Motion blur splits the batch by streak direction, into groups about a chunk's size or smaller:
-# chunking first would only make more and smaller groups (3x the slices at 224 px).
-GROUPED_BY_THEMSELVES = frozenset({"motion_blur"})
+# chunking first would only make more and smaller groups (3x the slices at 224 px). JPEG codes each
+# photo alone and splits the batch over its threads.
+WHOLE_BATCH_ON_CPU = frozenset({"motion_blur", "jpeg"})
 assert set(OPERATIONS) == set(CORRUPTIONS), "food101.config.CORRUPTIONS and OPERATIONS must name the same"
 
 
@@ -296,7 +320,7 @@ def corrupt(x: torch.Tensor, corruption: str, severity: int, settings: Robustnes
     if severity == 0:
         return x
     operation, level = OPERATIONS[corruption], float(settings.levels[corruption][severity - 1])
-    whole = x.device.type != "cpu" or corruption in GROUPED_BY_THEMSELVES
+    whole = x.device.type != "cpu" or corruption in WHOLE_BATCH_ON_CPU
     step = len(x) if whole else max(1, CPU_CHUNK_PIXELS // (x.shape[-2] * x.shape[-1]))
     if step >= len(x):
         return operation(x, level, draws)

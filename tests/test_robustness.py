@@ -65,6 +65,53 @@ def test_cpu_chunks_give_the_photos_what_one_pass_over_the_batch_gives():
         assert torch.equal(chunked, whole), name
 
 
+def test_jpeg_gives_the_same_pixels_on_one_thread_and_on_several():
+    """JPEG splits the batch over torch's thread count; each photo is coded alone, so the photos
+    must not depend on it (a benchmark on a bigger machine sees the same corrupted photos)."""
+    from food101.corruptions import Draws, corrupt, photo_uniforms
+
+    settings = load_config(REPO / "params.yaml").robustness
+    photos = _sample_photos(n=7)
+    uniforms = photo_uniforms(settings.seed, "jpeg", 5, len(photos))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = corrupt(photos, "jpeg", 5, settings, Draws(uniforms))
+        torch.set_num_threads(3)
+        several = corrupt(photos, "jpeg", 5, settings, Draws(uniforms))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, several)
+    assert not torch.equal(one, photos)
+
+
+def test_the_throughput_baseline_blurs_motion_with_the_stage_s_own_streak():
+    """benchmarks/robustness_throughput.py's per-photo loop must time the same corruption as the
+    stage: for motion blur (Pillow has no streak kernel) the same pixels for every direction."""
+    import runpy
+
+    from food101.corruptions import MOTION_DIRECTIONS, Draws, corrupt
+
+    baseline = runpy.run_path(str(REPO / "benchmarks" / "robustness_throughput.py"), run_name="baseline")
+    settings = load_config(REPO / "params.yaml").robustness
+    photos = _sample_photos(n=2)
+
+    class Fixed:  # the loop's generator, giving the uniform that picks one direction
+        def __init__(self, value: float) -> None:
+            self.value = value
+
+        def random(self) -> float:
+            return self.value
+
+    for direction in range(MOTION_DIRECTIONS):
+        uniform = (direction + 0.5) / MOTION_DIRECTIONS
+        ours = corrupt(photos, "motion_blur", 5, settings, Draws(torch.full((len(photos), 2), uniform)))
+        loop = [np.asarray(baseline["_pil_one"](Image.fromarray(photo.permute(1, 2, 0).numpy()), "motion_blur",
+                                                float(settings.levels["motion_blur"][4]), Fixed(uniform)))
+                for photo in photos]
+        assert np.array_equal(ours.permute(0, 2, 3, 1).numpy(), np.stack(loop)), direction
+
+
 def test_no_corruption_draws_from_a_generator_so_every_device_and_batch_sees_the_same_photos():
     """A CUDA generator draws other numbers than the CPU's from the same seed: every corruption, the
     noise too, takes its randomness from the photos' uniforms (not torch's global generator), or a
