@@ -189,8 +189,9 @@ def test_backbone_lr_scale_out_of_range_is_a_config_error() -> None:
 
 
 @pytest.mark.xfail(strict=True, reason="open (issue 11): no recipe measured so far beats the probe at this size; "
-                   "measured 76% vs 80% on the sample at 128 px with params.yaml's AdamW and EMA, 70% with SGD "
-                   "(benchmarks/RECIPE.md). Drop this mark when it passes")
+                   "measured 76% vs 80% on the sample at 128 px with params.yaml's AdamW and EMA at batch 16 "
+                   "(seeds 0-2), 82/82/74% at batch 8, 70% with SGD (benchmarks/RECIPE.md). Drop this mark "
+                   "when it passes")
 def test_fine_tuning_real_imagenet_weights_beats_the_linear_probe(tmp_path: Path) -> None:
     """params.yaml's recipe on EfficientNet-Lite0's genuine ImageNet weights, through the cache,
     feed and engine, at a small size on real photos: fine-tuning must beat logistic regression on
