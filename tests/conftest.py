@@ -7,6 +7,7 @@ import contextlib
 import functools
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,12 @@ os.environ["DVC_GLOBAL_CONFIG_DIR"] = str(_STATE / "dvc-global")
 os.environ["TORCH_HOME"] = str(_STATE / "torch")  # no pretrained weights unless a test puts them there
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FOOD101_PARAMS", None)
+# Child processes keep their temporary folders in this run's state, removed with it: a run that a
+# test kills (SIGKILL), or that leaves with os._exit after SIGTERM, cannot remove multiprocessing's
+# pymp-* folder itself. This process keeps the system's (pytest's tmp_path is there).
+tempfile.gettempdir()
+(_STATE / "tmp").mkdir(parents=True, exist_ok=True)
+os.environ["TMPDIR"] = str(_STATE / "tmp")
 # Under pytest-xdist (`make test`) the workers share the cores: each gets its share of threads, as
 # food101.devices advises for processes sharing a machine, unless OMP_NUM_THREADS is already set.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
