@@ -9,13 +9,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
@@ -78,19 +75,10 @@ def leftover_temp_files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".tmp-" in p.name]
 
 
-@pytest.fixture
-def run_tmpdir() -> Iterator[Path]:
-    """The runs' TMPDIR, removed after: a killed run leaves its temporary folders (multiprocessing's
-    pymp-*) behind. A short path, not under tmp_path: sockets live there, their paths at most 108 bytes."""
-    folder = Path(tempfile.mkdtemp(prefix="food101-kill-"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
-
-
-def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Path, run_tmpdir: Path):
+def test_killed_five_times_then_resumed_equals_an_uninterrupted_run(tmp_path: Path):
     """`food101 run --profile demo` twice, the second killed (SIGKILL) in training at five seeded
     points and resumed each time: the same per-photo predictions and accuracy, nothing left behind."""
-    env = {**cli_env(), "TMPDIR": str(run_tmpdir)}
+    env = cli_env()  # TMPDIR: the test run's state folder (conftest), where killed runs leave pymp-*
     # The uninterrupted run, in its own Prefect home, runs while the other is killed and resumed.
     whole_log = tmp_path / "whole.log"
     with open(whole_log, "w") as log:
