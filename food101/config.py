@@ -105,6 +105,7 @@ class TrainConfig:
     warmup_epochs: float
     freeze_backbone_epochs: int
     backbone_lr_scale: float
+    backbone_lr_decay: float
     frozen_batchnorm: bool
     head_init: Literal["zero", "probe"]
     min_scale: float

@@ -55,6 +55,7 @@ _TRAIN_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "min_scale": _FRACTION_OPEN_BOTTOM,
     "ema_half_life_epochs": _at_least(0),  # 0: no moving average of the weights
     "backbone_lr_scale": _FRACTION_OPEN_BOTTOM,  # the backbone's LR / the head's
+    "backbone_lr_decay": _FRACTION_OPEN_BOTTOM,  # the backbone's first layers' LR / its last layers'
     "early_stopping_patience": _at_least(0),  # 0 turns early stopping off (engine.fit)
     "seed": _at_least(0),
     "seeds": _at_least(1),

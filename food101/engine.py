@@ -96,19 +96,40 @@ def scaled_lr(recipe: TrainConfig) -> float:
 def make_optimizer(model: nn.Module, recipe: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
     """SGD (Nesterov) or AdamW over decay/no-decay groups, each split into the head (at the peak
     LR) and the backbone (at `backbone_lr_scale` times it, so the new head's first large steps do
-    not distort the pretrained features); the fused kernels on CUDA."""
+    not distort the pretrained features); the fused kernels on CUDA.
+
+    With `backbone_lr_decay` < 1 the backbone is cut by depth into LR_DECAY_DEPTHS groups, the
+    first (the input's) at `backbone_lr_decay` times the last's LR, geometric between."""
     lr = scaled_lr(recipe)
     head = {id(p) for p in classifier_head(model)[1].parameters()}
+    depth = backbone_depths(model, head) if recipe.backbone_lr_decay < 1.0 else {}
+    levels = LR_DECAY_DEPTHS if depth else 1
     groups = []
     for group in parameter_groups(model, recipe.weight_decay):
-        for in_head, scale in ((True, 1.0), (False, recipe.backbone_lr_scale)):
-            params = [p for p in group["params"] if (id(p) in head) == in_head]
+        in_head = [p for p in group["params"] if id(p) in head]
+        if in_head:
+            groups.append({**group, "params": in_head, "lr": lr, "backbone": False})
+        for level in range(levels):
+            params = [p for p in group["params"] if id(p) not in head and depth.get(id(p), 0) == level]
+            # The last (deepest) level at backbone_lr_scale, the first at backbone_lr_decay times that.
+            scale = recipe.backbone_lr_scale * recipe.backbone_lr_decay ** ((levels - 1 - level) / max(1, levels - 1))
             if params:
-                groups.append({**group, "params": params, "lr": lr * scale, "backbone": not in_head})
+                groups.append({**group, "params": params, "lr": lr * scale, "backbone": True})
     fused = {"fused": True} if device.type == "cuda" else {}
     if recipe.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=recipe.momentum, nesterov=recipe.momentum > 0, **fused)
     return torch.optim.AdamW(groups, lr=lr, **fused)
+
+
+LR_DECAY_DEPTHS = 8  # backbone_lr_decay's groups: enough for a smooth decay, few for the optimizer
+
+
+def backbone_depths(model: nn.Module, head: set[int]) -> dict[int, int]:
+    """Each backbone parameter's depth group, 0 (input side) to LR_DECAY_DEPTHS - 1: its place in
+    `model.parameters()`, which every torchvision and timm family lists from the stem to the head,
+    cut into equal runs of parameter tensors."""
+    backbone = [p for p in model.parameters() if id(p) not in head]
+    return {id(p): index * LR_DECAY_DEPTHS // len(backbone) for index, p in enumerate(backbone)}
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, start_step: int = 0) -> float:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from food101.config import ConfigError, load_config
-from food101.engine import fit, make_optimizer, make_trainer, scaled_lr
+from food101.engine import LR_DECAY_DEPTHS, fit, make_optimizer, make_trainer, scaled_lr
 from food101.models import build_model, classifier_head
 from tests.conftest import REPO, make_config
 
@@ -101,6 +101,47 @@ def test_backbone_and_head_get_their_own_learning_rates(tmp_path: Path) -> None:
         trainer.scheduler.step()
     lrs = {any(id(p) in head for p in g["params"]): g["lr"] for g in trainer.optimizer.param_groups}
     assert lrs[True] == pytest.approx(peak * 4 / 5) and lrs[False] == pytest.approx(0.1 * lrs[True])
+
+
+def test_layer_wise_decay_lowers_the_backbone_lr_from_its_last_layers_to_its_first(tmp_path: Path) -> None:
+    """backbone_lr_decay: the backbone's LR falls geometrically with depth, from backbone_lr_scale
+    times the head's at its last layers to backbone_lr_decay times that at the stem; the head keeps
+    the peak, every parameter is in one group, and the schedule keeps the ratios."""
+    plan = recipe(tmp_path, optimizer="adamw", lr=1e-3, backbone_lr_scale=0.5, backbone_lr_decay=0.1,
+                  warmup_epochs=1.0, epochs=2)
+    model = build_model("mobilenet_v3_small", 3, pretrained=False)
+    head = {id(p) for p in classifier_head(model)[1].parameters()}
+    order = {id(p): i for i, p in enumerate(p for p in model.parameters() if id(p) not in head)}
+    optimizer = make_optimizer(model, plan, CPU)
+    grouped = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in model.parameters())
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert [lr_of[i] for i in head] == pytest.approx([1e-3] * len(head))
+    first, last = min(order, key=order.get), max(order, key=order.get)
+    assert lr_of[first] == pytest.approx(0.1 * 0.5 * 1e-3) and lr_of[last] == pytest.approx(0.5 * 1e-3)
+    by_depth = [lr_of[i] for i in sorted(order, key=order.get)]
+    assert by_depth == sorted(by_depth)  # never higher nearer the input
+    assert len(set(by_depth)) == LR_DECAY_DEPTHS
+
+    trainer = make_trainer(model, plan, CPU, steps_per_epoch=5)
+    for _ in range(3):
+        trainer.scheduler.step()
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(lr_of[id(group["params"][0])] * 4 / 5)
+
+
+def test_no_layer_wise_decay_keeps_one_backbone_group_per_weight_decay(tmp_path: Path) -> None:
+    """backbone_lr_decay 1.0 is the two-learning-rate recipe: one head and one backbone group for
+    each of decayed and not decayed parameters (checkpoints' optimizer state keeps its layout)."""
+    optimizer = make_optimizer(build_model("mobilenet_v3_small", 3, pretrained=False),
+                               recipe(tmp_path, backbone_lr_decay=1.0), CPU)
+    assert sorted((g["backbone"], g["weight_decay"] > 0) for g in optimizer.param_groups) == [
+        (False, False), (False, True), (True, False), (True, True)]
+
+
+def test_backbone_lr_decay_out_of_range_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match="backbone_lr_decay"):
+        load_config(REPO / "params.yaml", overrides={"train.backbone_lr_decay": 1.5})
 
 
 def test_backbone_warms_up_again_when_it_unfreezes(tmp_path: Path) -> None:
