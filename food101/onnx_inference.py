@@ -144,9 +144,22 @@ def probe(spec: dict[str, Any]) -> dict[str, Any]:
                 return module(torch.from_numpy(x))
 
         result = _timed(run, single, batch, spec)
-    # ru_maxrss is in KiB on Linux
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This program's peak resident memory in MiB: VmHWM, the high-water mark of the address space
+    exec gave it. Not getrusage's ru_maxrss: Linux keeps in it the peak of the address space that
+    exec replaced, so a probe started by a 3 GB flow process reported the flow's 3 GB for every
+    runtime. Where /proc is missing (not Linux), ru_maxrss (KiB on Linux, bytes on macOS)."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # "VmHWM:   10988 kB"
+    maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return maxrss / 2**20 if sys.platform == "darwin" else maxrss / 1024.0
 
 
 def main(argv: list[str]) -> int:

@@ -68,6 +68,18 @@ def test_export_writes_a_checked_onnx_with_dynamic_batch_and_parity(exported):
             assert variant["throughput_ips"] > 0 and variant["peak_rss_mb"] > 0 and variant["size_mb"] > 0
 
 
+def test_a_probe_reports_its_own_peak_memory_not_the_process_that_started_it(exported):
+    """The timing probe's peak memory is the runtime's own: a parent holding 1.5 GiB (as the flow
+    process holds its data and models) used to be what every probe reported (ru_maxrss keeps the
+    peak of the address space exec replaced)."""
+    config, _ = exported
+    held = np.ones(3 * 2**29, dtype=np.uint8)  # 1.5 GiB, every page touched
+    timing = ex.probe_runtime("onnxruntime", ex.export_dir(config, MODELS[0]) / ex.INT8_FILE,
+                              config.preprocess.crop, config.export)
+    assert held[-1] == 1
+    assert 0 < timing["peak_rss_mb"] < 1024  # a small int8 session, whatever its parent holds
+
+
 def test_the_export_run_holds_the_fp32_graph_as_an_mlflow_onnx_model(exported, tmp_path, monkeypatch):
     """What the MLflow UI offers to load and serve is the ONNX graph (data), not a pickled model."""
     import mlflow.onnx
