@@ -31,9 +31,9 @@ MIN_WINDOW_S = 0.5  # the shortest window machine_monitor measures over
 def machine_monitor() -> Iterator[dict[str, Any]]:
     """Measure what the rest of the machine did while the block ran; the dict is filled on exit.
 
-    other_cpu_share is the fraction of all cores busy with anything but this process (whole-
-    machine busy time minus our own CPU time, over wall time x cores); load average, CPU
-    frequency and steal time are read where the platform exposes them.
+    other_cpu_share is the fraction of all cores busy with anything but this process and the
+    children it waited for (whole-machine busy time minus their CPU time, over wall time x
+    cores); load average, CPU frequency and steal time are read where the platform exposes them.
     """
     state: dict[str, Any] = {}
     own = psutil.Process(os.getpid())
@@ -46,7 +46,7 @@ def machine_monitor() -> Iterator[dict[str, Any]]:
         time.sleep(max(0.0, MIN_WINDOW_S - (time.perf_counter() - start)))
         after_sys, after_own, wall = psutil.cpu_times(), own.cpu_times(), time.perf_counter() - start
         busy = _busy(after_sys) - _busy(before_sys)
-        mine = (after_own.user + after_own.system) - (before_own.user + before_own.system)
+        mine = _own(after_own) - _own(before_own)
         state["cores"] = cores
         state["seconds"] = round(wall, 3)
         state["other_cpu_share"] = round(min(1.0, max(0.0, (busy - mine) / (wall * cores))), 4) if wall > 0 else None
@@ -58,6 +58,12 @@ def machine_monitor() -> Iterator[dict[str, Any]]:
         state["load_per_core"] = round(load[0] / cores, 3) if load else None
         frequency = psutil.cpu_freq() if hasattr(psutil, "cpu_freq") else None
         state["cpu_mhz"] = round(frequency.current, 1) if frequency else None
+
+
+def _own(times: Any) -> float:
+    """CPU seconds of this process and of its children it has waited for (a timing probe runs in
+    one: its work is this timing's, not another process's)."""
+    return times.user + times.system + getattr(times, "children_user", 0.0) + getattr(times, "children_system", 0.0)
 
 
 def _busy(times: Any) -> float:

@@ -4,9 +4,10 @@ The official test split is touched here and nowhere else. Everything the report 
 model's quality comes from `metrics.json`, `per_class.csv`, `confusion_counts.npy` and
 `predictions.parquet` in `config.paths.eval/<model>/`.
 
-Speed is measured honestly, timm-style: warm-up runs first, then batch-1 latency (p50, p95 over
-`latency_runs` single-image forwards) and throughput at `throughput_batch`, on the CPU always and
-on the GPU when there is one, with `torch.cuda.synchronize()` around every timed call.
+Speed is measured honestly, timm-style (food101.speed): warm-up runs first, then batch-1 latency
+(p50, p95 over `latency_runs` single-image forwards) and throughput at `throughput_batch`, on the
+CPU always, in a process of its own, and on the GPU when there is one, with
+`torch.cuda.synchronize()` around every timed call.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import math
 import shutil
 import statistics
 import threading
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from food101 import metrics
 from food101.config import Config, EvaluateConfig
-from food101.devices import synchronize, training_slots
+from food101.devices import training_slots
 from food101.errors import Food101Error
 from food101.feed import BatchFeed
 from food101.io import (
@@ -48,6 +48,7 @@ from food101.io import (
     write_parquet,
     write_text,
 )
+from food101.speed import autocast, time_model, time_on_cpu_alone
 from food101.timing import machine_monitor
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
@@ -104,11 +105,6 @@ class Scores:
     topk_probs: np.ndarray  # (N, k)
 
 
-def _autocast(device: torch.device):
-    # bf16 on CUDA as in training (no grad scaler needed); plain fp32 on the CPU.
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
 def predict(
     model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
     total: int | None = None,
@@ -119,7 +115,7 @@ def predict(
     with torch.inference_mode(), tqdm(total=total, desc="evaluate", unit="img", disable=None) as bar:
         for x, y in batches:
             x = x.to(device, non_blocking=True)
-            with _autocast(device):
+            with autocast(device):
                 logits = model(x)
             probs.append(torch.softmax(logits.float(), dim=1).cpu().numpy())
             labels.append(y.cpu().numpy().astype(np.int64))
@@ -183,51 +179,6 @@ def predictions_frame(paths: list[str], labels: np.ndarray, scores: Scores) -> p
     })
 
 
-def measure_latency(
-    model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
-    samples: list[float] | None = None,
-) -> tuple[float, float]:
-    """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones;
-    every forward's time is appended to `samples` when given."""
-    example = example.to(device).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.inference_mode(), _autocast(device):
-        for _ in range(warmup):
-            model(example)
-        synchronize(device)
-        for _ in range(max(1, runs)):
-            start = time.perf_counter()
-            model(example)
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1000.0)
-    if samples is not None:
-        samples.extend(times)
-    p50, p95 = np.percentile(times, [50, 95])
-    return float(p50), float(p95)
-
-
-def measure_throughput(
-    model: nn.Module, batch: torch.Tensor, device: torch.device, warmup: int, runs: int,
-    samples: list[float] | None = None,
-) -> float:
-    """Images per second over `runs` forwards of `batch` after `warmup` untimed ones; each
-    batch's images/s is appended to `samples` when given (the spread the history compares)."""
-    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-    elapsed = []
-    with torch.inference_mode(), _autocast(device):
-        for _ in range(warmup):
-            model(batch)
-        synchronize(device)
-        for _ in range(max(1, runs)):
-            start = time.perf_counter()
-            model(batch)
-            synchronize(device)
-            elapsed.append(time.perf_counter() - start)
-    if samples is not None:
-        samples.extend(len(batch) / seconds for seconds in elapsed)
-    return len(batch) * len(elapsed) / sum(elapsed)
-
-
 def throughput_schedule(settings: EvaluateConfig) -> tuple[int, int]:
     """(warm-up, timed) batches for throughput: a fifth of the latency counts, at least 1 and 3.
 
@@ -275,20 +226,21 @@ def measure_speed(
     with _timing_lock, machine_monitor() as state:
         for device in devices:
             kind = "gpu" if device.type == "cuda" else "cpu"
-            on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
-            on_device = on_device.eval().to(memory_format=torch.channels_last)
-            latency: list[float] = []
-            rates: list[float] = []
-            p50, p95 = measure_latency(on_device, single, device, settings.latency_warmup, settings.latency_runs,
-                                       latency)
-            out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = p50, p95
-            out[f"throughput_{kind}_ips"] = measure_throughput(on_device, batch, device, tp_warmup, tp_runs, rates)
+            schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)
+            if device.type == "cpu":  # in a process of its own: see food101.speed
+                timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads())
+            else:
+                on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
+                timed = time_model(on_device, single, batch, device, *schedule)
+            out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = timed.latency_p50_ms, timed.latency_p95_ms
+            out[f"throughput_{kind}_ips"] = timed.throughput_ips
             if samples is not None:
-                for metric, values in (("latency_ms", latency), ("throughput_ips", rates)):
+                for metric, values in (("latency_ms", timed.latency_samples_ms),
+                                       ("throughput_ips", timed.throughput_samples_ips)):
                     samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v)}
                                    for i, v in enumerate(values))
             log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
-                     device, p50, p95, out[f"throughput_{kind}_ips"], len(batch))
+                     device, timed.latency_p50_ms, timed.latency_p95_ms, timed.throughput_ips, len(batch))
     out["machine_state"] = state
     return out
 

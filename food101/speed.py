@@ -1,0 +1,139 @@
+"""Batch-1 latency and throughput of a network, timm-style; on the CPU, in a process of its own.
+
+Warm-up forwards first, then every timed forward is kept (the history compares the samples), with
+`torch.cuda.synchronize()` around each on a GPU.
+
+On the CPU the timing runs in a fresh interpreter (`python -m food101.speed FILE`), which imports
+torch, numpy and this module, nothing of the flow. In the flow's own process, its other threads
+(Prefect's engine and log shipping, progress bars, MLflow, the tasks waiting for a slot) take the
+GIL between a small network's operators: in the demo, mobilenet_v3_large at 64 px timed 15 ms at
+the median there and 3.3 ms alone, so the report said that no model met a 20 ms budget which all
+three met. The export stage's probes (food101.onnx_inference) are timed alone for the same reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from food101.devices import synchronize
+
+PROBE_TIMEOUT_S = 1800  # a ResNet-50 at 224 px on a slow CPU, 100 runs and the throughput batches
+
+
+@dataclass(frozen=True)
+class Timed:
+    """One device's timing: latency percentiles and throughput, and every sample behind them."""
+
+    latency_p50_ms: float
+    latency_p95_ms: float
+    throughput_ips: float
+    latency_samples_ms: list[float]
+    throughput_samples_ips: list[float]
+
+
+def autocast(device: torch.device):
+    # bf16 on CUDA as in training (no grad scaler needed); plain fp32 on the CPU.
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def measure_latency(
+    model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
+    samples: list[float] | None = None,
+) -> tuple[float, float]:
+    """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones;
+    every forward's time is appended to `samples` when given."""
+    example = example.to(device).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode(), autocast(device):
+        for _ in range(warmup):
+            model(example)
+        synchronize(device)
+        for _ in range(max(1, runs)):
+            start = time.perf_counter()
+            model(example)
+            synchronize(device)
+            times.append((time.perf_counter() - start) * 1000.0)
+    if samples is not None:
+        samples.extend(times)
+    p50, p95 = np.percentile(times, [50, 95])
+    return float(p50), float(p95)
+
+
+def measure_throughput(
+    model: nn.Module, batch: torch.Tensor, device: torch.device, warmup: int, runs: int,
+    samples: list[float] | None = None,
+) -> float:
+    """Images per second over `runs` forwards of `batch` after `warmup` untimed ones; each
+    batch's images/s is appended to `samples` when given (the spread the history compares)."""
+    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
+    elapsed = []
+    with torch.inference_mode(), autocast(device):
+        for _ in range(warmup):
+            model(batch)
+        synchronize(device)
+        for _ in range(max(1, runs)):
+            start = time.perf_counter()
+            model(batch)
+            synchronize(device)
+            elapsed.append(time.perf_counter() - start)
+    if samples is not None:
+        samples.extend(len(batch) / seconds for seconds in elapsed)
+    return len(batch) * len(elapsed) / sum(elapsed)
+
+
+def time_model(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, device: torch.device,
+               latency: tuple[int, int], throughput: tuple[int, int]) -> Timed:
+    """Latency over `latency` = (warm-up, timed) single forwards, then throughput over
+    `throughput` = (warm-up, timed) batches, in this process on `device`."""
+    model = model.eval().to(memory_format=torch.channels_last)
+    latency_samples: list[float] = []
+    rate_samples: list[float] = []
+    p50, p95 = measure_latency(model, single, device, *latency, latency_samples)
+    ips = measure_throughput(model, batch, device, *throughput, rate_samples)
+    return Timed(p50, p95, ips, latency_samples, rate_samples)
+
+
+def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
+                      latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
+    """`time_model` on the CPU with `threads` intra-op threads, in a fresh interpreter.
+
+    The network travels as a pickle (its tensors loaded onto the CPU there, whatever device they
+    are on here) in a private temporary folder that this call creates and removes; the child is
+    this module, which unpickles only that file."""
+    with tempfile.TemporaryDirectory(prefix="food101-speed-") as folder:
+        spec = Path(folder) / "spec.pt"
+        torch.save({"model": model, "single": single.cpu(), "batch": batch.cpu(), "latency": latency,
+                    "throughput": throughput, "threads": threads}, spec)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, "-m", "food101.speed", str(spec)], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, env=env, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"timing the model in a process of its own failed (exit {done.returncode}): {tail}")
+    return Timed(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str]) -> int:
+    # The file is the one time_on_cpu_alone has just written in its own temporary folder.
+    spec = torch.load(argv[1], map_location="cpu", weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    timed = time_model(spec["model"], spec["single"], spec["batch"], torch.device("cpu"),
+                       tuple(spec["latency"]), tuple(spec["throughput"]))
+    sys.stdout.write(json.dumps(dataclasses.asdict(timed)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
