@@ -26,7 +26,7 @@ import psutil
 
 # Modules whose functions the pools run. The forkserver reads this list once, when it starts,
 # so every stage's worker module is named here whichever stage starts it first.
-WORKER_MODULES = ["tasks.validate", "tasks.preprocess"]
+WORKER_MODULES = ["tasks.validate", "tasks.preprocess", "food101.speed"]
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_TIMEOUT_S = 5.0

@@ -3,8 +3,8 @@
 Warm-up forwards first, then every timed forward is kept (the history compares the samples), with
 `torch.cuda.synchronize()` around each on a GPU.
 
-On the CPU the timing runs in a fresh interpreter (`python -m food101.speed FILE`), which imports
-torch, numpy and this module, nothing of the flow. In the flow's own process, its other threads
+On the CPU the timing runs in a process of its own, forked from the pipeline's forkserver (a clean
+process with torch loaded, food101.processes). In the flow's own process, its other threads
 (Prefect's engine and log shipping, progress bars, MLflow, the tasks waiting for a slot) take the
 GIL between a small network's operators: in the demo, mobilenet_v3_large at 64 px timed 15 ms at
 the median there and 3.3 ms alone, so the report said that no model met a 20 ms budget which all
@@ -13,21 +13,16 @@ three met. The export stage's probes (food101.onnx_inference) are timed alone fo
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import os
-import subprocess
-import sys
-import tempfile
+import copy
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from food101.devices import synchronize
+from food101.processes import process_pool
 
 PROBE_TIMEOUT_S = 1800  # a ResNet-50 at 224 px on a slow CPU, 100 runs and the throughput batches
 
@@ -107,33 +102,18 @@ def time_model(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, devi
 
 def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
                       latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
-    """`time_model` on the CPU with `threads` intra-op threads, in a fresh interpreter.
-
-    The network travels as a pickle (its tensors loaded onto the CPU there, whatever device they
-    are on here) in a private temporary folder that this call creates and removes; the child is
-    this module, which unpickles only that file."""
-    with tempfile.TemporaryDirectory(prefix="food101-speed-") as folder:
-        spec = Path(folder) / "spec.pt"
-        torch.save({"model": model, "single": single.cpu(), "batch": batch.cpu(), "latency": latency,
-                    "throughput": throughput, "threads": threads}, spec)
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-        done = subprocess.run([sys.executable, "-m", "food101.speed", str(spec)], capture_output=True, text=True,
-                              timeout=PROBE_TIMEOUT_S, env=env, check=False)
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"timing the model in a process of its own failed (exit {done.returncode}): {tail}")
-    return Timed(**json.loads(done.stdout.strip().splitlines()[-1]))
+    """`time_model` on the CPU with `threads` intra-op threads, in a worker process forked from the
+    pipeline's forkserver (food101.processes), which has torch loaded and none of the flow's
+    threads: the network and inputs travel to it pickled, the figures come back."""
+    network = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+    with process_pool(1) as pool:
+        return pool.submit(_time_on_cpu, network, single.cpu(), batch.cpu(), latency, throughput,
+                           threads).result(timeout=PROBE_TIMEOUT_S)
 
 
-def main(argv: list[str]) -> int:
-    # The file is the one time_on_cpu_alone has just written in its own temporary folder.
-    spec = torch.load(argv[1], map_location="cpu", weights_only=False)
-    torch.set_num_threads(spec["threads"])
-    timed = time_model(spec["model"], spec["single"], spec["batch"], torch.device("cpu"),
-                       tuple(spec["latency"]), tuple(spec["throughput"]))
-    sys.stdout.write(json.dumps(dataclasses.asdict(timed)) + "\n")
-    return 0
+def _time_on_cpu(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, latency: tuple[int, int],
+                 throughput: tuple[int, int], threads: int) -> Timed:
+    torch.set_num_threads(threads)
+    return time_model(model, single, batch, torch.device("cpu"), latency, throughput)
 
 
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))
