@@ -25,15 +25,19 @@ INCONCLUSIVE = "inconclusive"
 NO_CHANGE = "no change"
 ALPHA = 0.05
 MIN_WINDOW_S = 0.5  # the shortest window machine_monitor measures over
+# CPU seconds that the block spent in a process that is neither this one nor a waited-for child
+# (a pool worker): the block adds them to the state under this key, and they count as its own.
+WORKER_CPU_KEY = "worker_cpu_s"
 
 
 @contextmanager
 def machine_monitor() -> Iterator[dict[str, Any]]:
     """Measure what the rest of the machine did while the block ran; the dict is filled on exit.
 
-    other_cpu_share is the fraction of all cores busy with anything but this process and the
-    children it waited for (whole-machine busy time minus their CPU time, over wall time x
-    cores); load average, CPU frequency and steal time are read where the platform exposes them.
+    other_cpu_share is the fraction of all cores busy with anything but this process, the
+    children it waited for and the worker CPU the block reported under WORKER_CPU_KEY
+    (whole-machine busy time minus their CPU time, over wall time x cores); load average, CPU
+    frequency and steal time are read where the platform exposes them.
     """
     state: dict[str, Any] = {}
     own = psutil.Process(os.getpid())
@@ -46,7 +50,7 @@ def machine_monitor() -> Iterator[dict[str, Any]]:
         time.sleep(max(0.0, MIN_WINDOW_S - (time.perf_counter() - start)))
         after_sys, after_own, wall = psutil.cpu_times(), own.cpu_times(), time.perf_counter() - start
         busy = _busy(after_sys) - _busy(before_sys)
-        mine = _own(after_own) - _own(before_own)
+        mine = _own(after_own) - _own(before_own) + state.pop(WORKER_CPU_KEY, 0.0)
         state["cores"] = cores
         state["seconds"] = round(wall, 3)
         state["other_cpu_share"] = round(min(1.0, max(0.0, (busy - mine) / (wall * cores))), 4) if wall > 0 else None

@@ -49,7 +49,7 @@ from food101.io import (
     write_text,
 )
 from food101.speed import autocast, time_model, time_on_cpu_alone
-from food101.timing import machine_monitor
+from food101.timing import WORKER_CPU_KEY, machine_monitor
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
 from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
@@ -234,6 +234,7 @@ def measure_speed(
                 timed = time_model(on_device, single, batch, device, *schedule)
             out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = timed.latency_p50_ms, timed.latency_p95_ms
             out[f"throughput_{kind}_ips"] = timed.throughput_ips
+            state[WORKER_CPU_KEY] = state.get(WORKER_CPU_KEY, 0.0) + timed.worker_cpu_s
             if samples is not None:
                 for metric, values in (("latency_ms", timed.latency_samples_ms),
                                        ("throughput_ips", timed.throughput_samples_ips)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -516,3 +517,33 @@ def test_rank_test_outcomes():
     assert timing.compare_samples(quiet[:2], slower[:2], False, 0.1).outcome == "inconclusive"
     assert timing.noise_reasons({"load_per_core": 2.0, "other_cpu_share": 0.6}, 1.0, 0.25, "this") == [
         "this load average 2.00 per core > 1", "this: other processes used 60% of the CPU > 25%"]
+
+
+def _burn_cpu(seconds: float) -> float:
+    """Spin until this process has used `seconds` of CPU; the CPU time it used."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return time.process_time() - start
+
+
+def test_a_timing_workers_cpu_counts_as_the_timings_own_not_another_process():
+    """evaluate times the CPU in a worker forked from the forkserver (not a child of this
+    process): the CPU it reports (timing.WORKER_CPU_KEY) is the timing's own, so a quiet machine
+    is not flagged busy by the timing itself. The same second of worker CPU unreported reads as
+    another process's."""
+    from food101.processes import process_pool
+
+    shares = {}
+    with process_pool(1) as pool:
+        pool.submit(_burn_cpu, 0.0).result()  # the worker started before the windows open
+        for reported in (False, True):
+            with timing.machine_monitor() as state:
+                used = pool.submit(_burn_cpu, 1.0).result()
+                if reported:
+                    state[timing.WORKER_CPU_KEY] = used
+            shares[reported] = state["other_cpu_share"]
+            assert timing.WORKER_CPU_KEY not in state
+    # One core-second over a window of about a second on this machine's cores: 1 / cores of the
+    # whole, give or take what the rest of the machine did meanwhile.
+    assert shares[False] - shares[True] > 0.5 / (os.cpu_count() or 1), shares
