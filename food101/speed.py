@@ -4,7 +4,8 @@ Warm-up forwards first, then every timed forward is kept (the history compares t
 `torch.cuda.synchronize()` around each on a GPU.
 
 On the CPU the timing runs in a process of its own, forked from the pipeline's forkserver (a clean
-process with torch loaded, food101.processes). In the flow's own process, its other threads
+process with torch loaded, food101.processes), or in a fresh interpreter (`python -m food101.speed
+FILE`) from a Dask worker, which may not start a pool. In the flow's own process, its other threads
 (Prefect's engine and log shipping, progress bars, MLflow, the tasks waiting for a slot) take the
 GIL between a small network's operators: in the demo, mobilenet_v3_large at 64 px timed 15 ms at
 the median there and 3.3 ms alone, so the report said that no model met a 20 ms budget which all
@@ -15,8 +16,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -104,11 +112,14 @@ def time_model(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, devi
 
 def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
                       latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
-    """`time_model` on the CPU with `threads` intra-op threads, in a worker process forked from the
-    pipeline's forkserver (food101.processes), which has torch loaded and none of the flow's
-    threads: the network and inputs travel to it pickled, the figures come back with the CPU time
-    the worker spent (a machine monitor counts it as the timing's own, not another process's)."""
+    """`time_model` on the CPU with `threads` intra-op threads, in a process of its own: a worker
+    forked from the pipeline's forkserver (food101.processes), which has torch loaded and none of
+    the flow's threads; the network and inputs travel to it pickled, the figures come back with
+    the CPU time the worker spent (a machine monitor counts it as the timing's own). A daemonic
+    process (a Dask worker) may not start a pool: there, a fresh interpreter times it."""
     network = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
+    if multiprocessing.current_process().daemon:
+        return _time_in_fresh_interpreter(network, single.cpu(), batch.cpu(), latency, throughput, threads)
     with process_pool(1) as pool:
         return pool.submit(_time_on_cpu, network, single.cpu(), batch.cpu(), latency, throughput,
                            threads).result(timeout=PROBE_TIMEOUT_S)
@@ -123,3 +134,33 @@ def _time_on_cpu(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, la
     return dataclasses.replace(timed, worker_cpu_s=time.process_time())
 
 
+def _time_in_fresh_interpreter(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
+                               latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
+    """`python -m food101.speed FILE`: the network pickled into a private temporary folder that
+    this call creates and removes; the child unpickles only that file. A waited-for child, so a
+    machine monitor counts its CPU as the timing's own without being told."""
+    with tempfile.TemporaryDirectory(prefix="food101-speed-") as folder:
+        spec = Path(folder) / "spec.pt"
+        torch.save({"model": model, "single": single, "batch": batch, "latency": latency,
+                    "throughput": throughput, "threads": threads}, spec)
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        done = subprocess.run([sys.executable, "-m", "food101.speed", str(spec)], capture_output=True, text=True,
+                              timeout=PROBE_TIMEOUT_S, env=env, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"timing the model in a process of its own failed (exit {done.returncode}): {tail}")
+    return Timed(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def main(argv: list[str]) -> int:
+    # The file is the one _time_in_fresh_interpreter has just written in its own temporary folder.
+    spec = torch.load(argv[1], map_location="cpu", weights_only=False)
+    torch.set_num_threads(spec["threads"])
+    timed = time_model(spec["model"], spec["single"], spec["batch"], torch.device("cpu"),
+                       tuple(spec["latency"]), tuple(spec["throughput"]))
+    sys.stdout.write(json.dumps(dataclasses.asdict(timed)) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
