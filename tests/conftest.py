@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -26,7 +27,15 @@ _DEFAULT_RELATIVE = {
 }
 
 # Before anything imports Prefect or MLflow: keep their state out of the home folder.
-_STATE = Path(os.environ.get("FOOD101_TEST_STATE", "/tmp/food101-test-state")) / str(os.getpid())
+# A multiprocessing worker of a test process (a pool worker that imports a test module to unpickle
+# one of its classes) keeps that process's folder, which that process removes: a folder of its own
+# would outlive it, as pool workers exit without running atexit.
+_OWNS_STATE = multiprocessing.parent_process() is None or "FOOD101_TEST_STATE_DIR" not in os.environ
+if _OWNS_STATE:
+    _STATE = Path(os.environ.get("FOOD101_TEST_STATE", "/tmp/food101-test-state")) / str(os.getpid())
+    os.environ["FOOD101_TEST_STATE_DIR"] = str(_STATE)
+else:
+    _STATE = Path(os.environ["FOOD101_TEST_STATE_DIR"])
 os.environ["PREFECT_HOME"] = str(_STATE / "prefect")
 os.environ["MPLCONFIGDIR"] = str(_STATE / "matplotlib")
 os.environ["DVC_SITE_CACHE_DIR"] = str(_STATE / "dvc-site")
@@ -58,7 +67,8 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 # Prefect and matplotlib make their (empty) homes again while the process exits, after
 # pytest_sessionfinish: registered before they are imported, this runs after their exit handlers.
-atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
+if _OWNS_STATE:
+    atexit.register(shutil.rmtree, _STATE, ignore_errors=True)
 
 
 @functools.cache

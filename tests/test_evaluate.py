@@ -18,6 +18,7 @@ from tasks import evaluate as ev
 from tasks.preprocess import load_image, open_cache, record_cache_files
 from tasks.train import model_dir, save_checkpoint
 from tests.conftest import SAMPLE, make_config, sample_classes, single_torch_thread
+from tests.process_helpers import ForwardLog
 
 TINY_MODELS = ["mobilenet_v3_small", "shufflenet_v2_x0_5"]
 FAST = {
@@ -214,20 +215,6 @@ def test_score_and_speed_on_their_own(tmp_path, one_thread):
     footprint = ev.model_footprint(net, 32)
     assert footprint["gflops"] > 0 and footprint["params"] == sum(p.numel() for p in net.parameters())
     assert ev.throughput_schedule(config.evaluate) == (1, 3)
-
-
-class ForwardLog(torch.nn.Module):
-    """A network that appends the id of the process running each forward to a file."""
-
-    def __init__(self, log_file) -> None:
-        super().__init__()
-        self.log_file = str(log_file)
-        self.net = get_model("mobilenet_v3_small", weights=None, num_classes=5)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with open(self.log_file, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
-        return self.net(x)
 
 
 def test_cpu_speed_is_timed_in_a_process_of_its_own(tmp_path, one_thread):

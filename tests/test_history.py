@@ -16,6 +16,7 @@ from food101 import comparability, history, timing
 from food101.corruptions import CORRUPTIONS_VERSION
 from food101.tracking import client_for, finish_run, start_benchmark_run
 from tests.conftest import make_config
+from tests.process_helpers import Delayed, burn_cpu
 
 N_TEST = 50
 HARDWARE = "cpu: Test CPU x2; gpu: none"
@@ -415,18 +416,6 @@ def test_top5_is_compared_only_with_more_than_five_classes(config):
 # --- timings with their noise ----------------------------------------------------------------------
 
 
-class Delayed(torch.nn.Module):
-    """A model that waits `delay` seconds in every forward: a real, planted slowdown."""
-
-    def __init__(self, inner: torch.nn.Module, delay: float) -> None:
-        super().__init__()
-        self.inner, self.delay = inner, delay
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        time.sleep(self.delay)
-        return self.inner(x)
-
-
 @pytest.fixture(scope="module")
 def small_net():
     from torchvision.models import get_model
@@ -519,14 +508,6 @@ def test_rank_test_outcomes():
         "this load average 2.00 per core > 1", "this: other processes used 60% of the CPU > 25%"]
 
 
-def _burn_cpu(seconds: float) -> float:
-    """Spin until this process has used `seconds` of CPU; the CPU time it used."""
-    start = time.process_time()
-    while time.process_time() - start < seconds:
-        pass
-    return time.process_time() - start
-
-
 def test_a_timing_workers_cpu_counts_as_the_timings_own_not_another_process():
     """evaluate times the CPU in a worker forked from the forkserver (not a child of this
     process): the CPU it reports (timing.WORKER_CPU_KEY) is the timing's own, so a quiet machine
@@ -536,10 +517,10 @@ def test_a_timing_workers_cpu_counts_as_the_timings_own_not_another_process():
 
     shares = {}
     with process_pool(1) as pool:
-        pool.submit(_burn_cpu, 0.0).result()  # the worker started before the windows open
+        pool.submit(burn_cpu, 0.0).result()  # the worker started before the windows open
         for reported in (False, True):
             with timing.machine_monitor() as state:
-                used = pool.submit(_burn_cpu, 1.0).result()
+                used = pool.submit(burn_cpu, 1.0).result()
                 if reported:
                     state[timing.WORKER_CPU_KEY] = used
             shares[reported] = state["other_cpu_share"]

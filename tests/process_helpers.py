@@ -1,0 +1,47 @@
+"""Helpers that tests send to other processes (pickled by reference, imported there).
+
+They live here, not in a test module: importing a test module imports tests.conftest, which makes
+a state folder for its process, and a pool worker exits without removing it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+from torchvision.models import get_model
+
+
+class ForwardLog(torch.nn.Module):
+    """A network that appends the id of the process running each forward to a file."""
+
+    def __init__(self, log_file) -> None:
+        super().__init__()
+        self.log_file = str(log_file)
+        self.net = get_model("mobilenet_v3_small", weights=None, num_classes=5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with open(self.log_file, "a") as handle:
+            handle.write(f"{os.getpid()}\n")
+        return self.net(x)
+
+
+class Delayed(torch.nn.Module):
+    """A model that waits `delay` seconds in every forward: a real, planted slowdown."""
+
+    def __init__(self, inner: torch.nn.Module, delay: float) -> None:
+        super().__init__()
+        self.inner, self.delay = inner, delay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(self.delay)
+        return self.inner(x)
+
+
+def burn_cpu(seconds: float) -> float:
+    """Spin until this process has used `seconds` of CPU; the CPU time it used."""
+    start = time.process_time()
+    while time.process_time() - start < seconds:
+        pass
+    return time.process_time() - start
