@@ -53,23 +53,29 @@ def autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
+def _timed_forwards(model: nn.Module, x: torch.Tensor, device: torch.device, warmup: int, runs: int) -> list[float]:
+    """Seconds of each of `runs` forwards of `x` (at least one) after `warmup` untimed ones."""
+    x = x.to(device).contiguous(memory_format=torch.channels_last)
+    seconds = []
+    with torch.inference_mode(), autocast(device):
+        for _ in range(warmup):
+            model(x)
+        synchronize(device)
+        for _ in range(max(1, runs)):
+            start = time.perf_counter()
+            model(x)
+            synchronize(device)
+            seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def measure_latency(
     model: nn.Module, example: torch.Tensor, device: torch.device, warmup: int, runs: int,
     samples: list[float] | None = None,
 ) -> tuple[float, float]:
     """(p50, p95) in milliseconds of single forwards of `example` after `warmup` untimed ones;
     every forward's time is appended to `samples` when given."""
-    example = example.to(device).contiguous(memory_format=torch.channels_last)
-    times = []
-    with torch.inference_mode(), autocast(device):
-        for _ in range(warmup):
-            model(example)
-        synchronize(device)
-        for _ in range(max(1, runs)):
-            start = time.perf_counter()
-            model(example)
-            synchronize(device)
-            times.append((time.perf_counter() - start) * 1000.0)
+    times = [1000.0 * t for t in _timed_forwards(model, example, device, warmup, runs)]
     if samples is not None:
         samples.extend(times)
     p50, p95 = np.percentile(times, [50, 95])
@@ -82,17 +88,7 @@ def measure_throughput(
 ) -> float:
     """Images per second over `runs` forwards of `batch` after `warmup` untimed ones; each
     batch's images/s is appended to `samples` when given (the spread the history compares)."""
-    batch = batch.to(device).contiguous(memory_format=torch.channels_last)
-    elapsed = []
-    with torch.inference_mode(), autocast(device):
-        for _ in range(warmup):
-            model(batch)
-        synchronize(device)
-        for _ in range(max(1, runs)):
-            start = time.perf_counter()
-            model(batch)
-            synchronize(device)
-            elapsed.append(time.perf_counter() - start)
+    elapsed = _timed_forwards(model, batch, device, warmup, runs)
     if samples is not None:
         samples.extend(len(batch) / seconds for seconds in elapsed)
     return len(batch) * len(elapsed) / sum(elapsed)
