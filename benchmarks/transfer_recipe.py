@@ -52,7 +52,7 @@ from food101.cache import Cache, build_cache, load_cache  # noqa: E402
 from food101.config import TrainConfig, load_config, parse_override  # noqa: E402
 from food101.dataset import read_meta, select_rows  # noqa: E402
 from food101.devices import resolve_device  # noqa: E402
-from food101.engine import fit, make_trainer  # noqa: E402
+from food101.engine import evaluated_model, fit, make_trainer  # noqa: E402
 from food101.feed import BatchFeed  # noqa: E402
 from food101.linear_probe import pooled_features  # noqa: E402
 from food101.metrics import Interval, bootstrap_ci  # noqa: E402
@@ -196,14 +196,21 @@ def test_correct(model: nn.Module, batches: BatchFeed) -> np.ndarray:
     return np.concatenate(hits).astype(np.float64)
 
 
-def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.device, label: str) -> FineTuneResult:
-    """The train stage's path: seeded model, BatchFeed, make_trainer, fit; then the test split."""
+def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.device, label: str,
+              train_cache: Cache | None = None, fit_on_val: bool = False) -> FineTuneResult:
+    """The train stage's path: seeded model, BatchFeed, make_trainer, fit; then the test split.
+    `train_cache` (same photos, a larger crop) feeds the train split's random crops instead of `cache`."""
     start = time.perf_counter()
+    train_cache = train_cache or cache
     torch.manual_seed(recipe.seed)  # Lite0's drop-connect draws from torch's generator
     model = net.build(len(cache.classes))
     common = {"device": device, "mean": net.mean, "std": net.std, "seed": recipe.seed,
               "channels_last": recipe.channels_last}
-    train_feed = BatchFeed(cache.images("train"), cache.labels("train"), batch_size=recipe.batch_size, train=True,
+    train_images, train_labels = train_cache.images("train"), train_cache.labels("train")
+    if fit_on_val:  # the validation photos join the training set; the last epoch's weights are scored
+        train_images = np.concatenate([train_images, train_cache.images("val")])
+        train_labels = np.concatenate([train_labels, train_cache.labels("val")])
+    train_feed = BatchFeed(train_images, train_labels, batch_size=recipe.batch_size, train=True,
                            image_size=recipe.image_size, min_scale=recipe.min_scale, **common)
     val_images = cache.images("val")
     val_feed = BatchFeed(val_images, cache.labels("val"), batch_size=2 * recipe.batch_size, train=False,
@@ -218,7 +225,10 @@ def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.
     torch.backends.cudnn.benchmark = False
     result = fit(trainer, train_feed, val_feed, recipe, steps_per_epoch=steps, probe_batches=probe_feed)
     test = eval_feed(cache, "test", net, device)
-    last_correct = test_correct(trainer.model, test)
+    last_correct = test_correct(evaluated_model(trainer), test)  # the moving average when there is one
+    if fit_on_val:
+        return FineTuneResult(last_correct, last_correct, result.history, len(result.history),
+                              time.perf_counter() - start, result.probe)
     if result.best_state is not None:
         trainer.model.load_state_dict(result.best_state)
     return FineTuneResult(test_correct(trainer.model, test), last_correct, result.history, result.best_epoch,
@@ -281,10 +291,11 @@ def read_grid(path: Path | None) -> list[Entry]:
 
 
 def measure(args: argparse.Namespace, cache: Cache, net: Pretrained, device: torch.device, entry: Entry,
-            seed: int | None, probe: ProbeResult | None, probe_ci: Interval | None) -> dict:
+            seed: int | None, probe: ProbeResult | None, probe_ci: Interval | None,
+            train_cache: Cache | None = None) -> dict:
     """Fine-tune one recipe and score it against the probe: one JSON-ready row."""
     recipe = recipe_for(args, args.model, entry.settings, seed)
-    tuned = fine_tune(cache, net, recipe, device, args.model)
+    tuned = fine_tune(cache, net, recipe, device, args.model, train_cache, args.fit_on_val)
     ft_ci = interval(tuned.correct, recipe.seed, args.bootstrap)
     last_ci = interval(tuned.last_correct, recipe.seed, args.bootstrap)
     return {
@@ -331,6 +342,12 @@ def main() -> None:
     parser.add_argument("--resize", type=int, default=None,
                         help="shorter side before the centre crop (default: size * 8/7; --size for photos "
                              "that are already the pipeline's centre crops)")
+    parser.add_argument("--train-crop", type=int, default=None,
+                        help="train photos' stored crop (px, from the same --resize; default --size): above --size "
+                             "the random crops see more of each photo than the test's centre crop")
+    parser.add_argument("--fit-on-val", action="store_true",
+                        help="train on the train and validation photos and score the last epoch's weights "
+                             "(the validation figures are then in-sample)")
     parser.add_argument("--limit-per-class", type=int, default=None, help="at most this many train photos a class")
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's train.epochs")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -371,6 +388,16 @@ def main() -> None:
     start = time.perf_counter()
     cache = prepared_cache(data, args.size, args.limit_per_class, cache_dir, args.workers, args.resize)
     counts = cache.counts
+    resize = args.resize or round(args.size * 8 / 7)
+    train_cache = None
+    if args.train_crop and args.train_crop != args.size:
+        if args.train_crop > resize:
+            parser.error(f"--train-crop {args.train_crop} is larger than the resized shorter side {resize}")
+        train_cache = prepared_cache(data, args.train_crop, args.limit_per_class,
+                                     cache_dir.with_name(f"{cache_dir.name}-train{args.train_crop}"), args.workers,
+                                     resize)
+        if not train_cache.index.equals(cache.index):
+            raise SystemExit(f"{train_cache.root} and {cache.root} index different photos")
 
     probe = None if args.skip_probe else linear_probe(cache, net, device, recipe.seed)
     probe_ci = interval(probe.correct, recipe.seed, args.bootstrap) if probe else None
@@ -378,7 +405,9 @@ def main() -> None:
         "benchmark": "transfer_recipe",
         "data": str(data), "model": args.model, "weights": net.weights, "weights_sha256": weights_sha,
         "classes": len(cache.classes), "train": counts["train"], "val": counts["val"], "test": counts["test"],
-        "size": args.size, "resize": args.resize or round(args.size * 8 / 7), "batch_size": recipe.batch_size,
+        "size": args.size, "resize": resize, "train_crop": args.train_crop or args.size,
+        "fit_on_val": args.fit_on_val,
+        "batch_size": recipe.batch_size,
         "limit_per_class": args.limit_per_class,
         "probe_top1": round(probe_ci.estimate, 4) if probe_ci else None,
         "probe_ci": [round(probe_ci.low, 4), round(probe_ci.high, 4)] if probe_ci else None,
@@ -390,7 +419,7 @@ def main() -> None:
     rows = []
     for entry in grid:
         for seed in entry.seeds or args.seeds or [None]:
-            row = measure(args, cache, net, device, entry, seed, probe, probe_ci)
+            row = measure(args, cache, net, device, entry, seed, probe, probe_ci, train_cache)
             rows.append(row)
             print(json.dumps({**common, **row, "seconds": round(time.perf_counter() - start, 1)}), flush=True)
     if len(rows) > 1:
