@@ -19,6 +19,7 @@ damages the features. The last line printed is one JSON object.
     .venv/bin/python benchmarks/transfer_recipe.py [--size 224] [--limit-per-class N] [--epochs N]
         [--set train.backbone_lr_scale=0.1 ...] [--data DIR] [--model efficientnet_lite0]
         [--grid recipes.yaml] [--seeds 0 1 2] [--device cuda]
+        [--train-crop 256] [--fit-on-val] [--refit-head]     # protocol levers (benchmarks/RECIPE.md, round 6)
 
 With `--grid` (and/or several `--seeds`) one process measures every recipe against the same probe:
 one JSON line per recipe and seed, then a summary line ranking the recipes by mean test top-1.
