@@ -139,6 +139,7 @@ class EvaluateConfig:
     bootstrap_samples: int
     ece_bins: int
     seed: int
+    latency_threads: int = 1  # intra-op CPU threads for batch-1 latency (0 = all cores); throughput uses all
 
 
 EXPORT_RULES = ("max_accuracy_under_p95", "max_accuracy_under_size", "max_throughput")

@@ -81,6 +81,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.batch_size": _at_least(1),
     "evaluate.latency_warmup": _at_least(0),
     "evaluate.latency_runs": _at_least(1),
+    "evaluate.latency_threads": _at_least(0),
     "evaluate.throughput_batch": _at_least(1),
     "evaluate.bootstrap_samples": _at_least(1),
     "evaluate.ece_bins": _at_least(1),

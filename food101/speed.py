@@ -95,50 +95,61 @@ def measure_throughput(
 
 
 def time_model(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, device: torch.device,
-               latency: tuple[int, int], throughput: tuple[int, int]) -> Timed:
+               latency: tuple[int, int], throughput: tuple[int, int], latency_threads: int | None = None) -> Timed:
     """Latency over `latency` = (warm-up, timed) single forwards, then throughput over
-    `throughput` = (warm-up, timed) batches, in this process on `device`."""
+    `throughput` = (warm-up, timed) batches, in this process on `device`; on the CPU the latency
+    runs on `latency_threads` intra-op threads when given (throughput on the process's own count)."""
     model = model.eval().to(memory_format=torch.channels_last)
     latency_samples: list[float] = []
     rate_samples: list[float] = []
-    p50, p95 = measure_latency(model, single, device, *latency, latency_samples)
+    threads = torch.get_num_threads()
+    if latency_threads and device.type == "cpu":
+        torch.set_num_threads(latency_threads)
+    try:
+        p50, p95 = measure_latency(model, single, device, *latency, latency_samples)
+    finally:
+        torch.set_num_threads(threads)
     ips = measure_throughput(model, batch, device, *throughput, rate_samples)
     return Timed(p50, p95, ips, latency_samples, rate_samples)
 
 
 def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
-                      latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
-    """`time_model` on the CPU with `threads` intra-op threads, in a process of its own: a worker
+                      latency: tuple[int, int], throughput: tuple[int, int], threads: int,
+                      latency_threads: int | None = None) -> Timed:
+    """`time_model` on the CPU with `threads` intra-op threads (`latency_threads` for the batch-1
+    latency when given), in a process of its own: a worker
     forked from the pipeline's forkserver (food101.processes), which has torch loaded and none of
     the flow's threads; the network and inputs travel to it pickled, the figures come back with
     the CPU time the worker spent (a machine monitor counts it as the timing's own). A daemonic
     process (a Dask worker) may not start a pool: there, a fresh interpreter times it."""
     network = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
     if multiprocessing.current_process().daemon:
-        return _time_in_fresh_interpreter(network, single.cpu(), batch.cpu(), latency, throughput, threads)
+        return _time_in_fresh_interpreter(network, single.cpu(), batch.cpu(), latency, throughput, threads,
+                                          latency_threads)
     with process_pool(1) as pool:
         return pool.submit(_time_on_cpu, network, single.cpu(), batch.cpu(), latency, throughput,
-                           threads).result(timeout=PROBE_TIMEOUT_S)
+                           threads, latency_threads).result(timeout=PROBE_TIMEOUT_S)
 
 
 def _time_on_cpu(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, latency: tuple[int, int],
-                 throughput: tuple[int, int], threads: int) -> Timed:
+                 throughput: tuple[int, int], threads: int, latency_threads: int | None = None) -> Timed:
     torch.set_num_threads(threads)
-    timed = time_model(model, single, batch, torch.device("cpu"), latency, throughput)
+    timed = time_model(model, single, batch, torch.device("cpu"), latency, throughput, latency_threads)
     # The worker lives for this timing only, so all its CPU since it started (every thread; its
     # start-up, which re-imports the parent's main module, included) is the timing's.
     return dataclasses.replace(timed, worker_cpu_s=time.process_time())
 
 
 def _time_in_fresh_interpreter(model: nn.Module, single: torch.Tensor, batch: torch.Tensor,
-                               latency: tuple[int, int], throughput: tuple[int, int], threads: int) -> Timed:
+                               latency: tuple[int, int], throughput: tuple[int, int], threads: int,
+                               latency_threads: int | None = None) -> Timed:
     """`python -m food101.speed FILE`: the network pickled into a private temporary folder that
     this call creates and removes; the child unpickles only that file. A waited-for child, so a
     machine monitor counts its CPU as the timing's own without being told."""
     with tempfile.TemporaryDirectory(prefix="food101-speed-") as folder:
         spec = Path(folder) / "spec.pt"
         torch.save({"model": model, "single": single, "batch": batch, "latency": latency,
-                    "throughput": throughput, "threads": threads}, spec)
+                    "throughput": throughput, "threads": threads, "latency_threads": latency_threads}, spec)
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         done = subprocess.run([sys.executable, "-m", "food101.speed", str(spec)], capture_output=True, text=True,
                               timeout=PROBE_TIMEOUT_S, env=env, check=False)
@@ -153,7 +164,7 @@ def main(argv: list[str]) -> int:
     spec = torch.load(argv[1], map_location="cpu", weights_only=False)
     torch.set_num_threads(spec["threads"])
     timed = time_model(spec["model"], spec["single"], spec["batch"], torch.device("cpu"),
-                       tuple(spec["latency"]), tuple(spec["throughput"]))
+                       tuple(spec["latency"]), tuple(spec["throughput"]), spec.get("latency_threads"))
     sys.stdout.write(json.dumps(dataclasses.asdict(timed)) + "\n")
     return 0
 

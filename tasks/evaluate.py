@@ -72,7 +72,7 @@ TIMING_COLUMNS = ("metric", "device", "sample_index", "value")
 METRIC_KEYS = (
     "model", "n_test", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
     "macro_precision", "macro_recall", "macro_f1", "ece",
-    "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
+    "latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_cpu_threads", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
     "throughput_cpu_ips", "throughput_gpu_ips", "params", "size_mb", "gflops",
     "train_time_s", "train_images_per_s",
     "n_seeds", "top1_seed_mean", "top1_seed_sd", "machine_state",
@@ -219,7 +219,11 @@ def measure_speed(
     single = torch.randn(1, 3, image_size, image_size, generator=generator)
     batch = torch.randn(settings.throughput_batch, 3, image_size, image_size, generator=generator)
     tp_warmup, tp_runs = throughput_schedule(settings)
-    out: dict[str, Any] = {}
+    # Batch-1 latency on few threads: a request's own cost, and on a shared machine two threads
+    # wait on whichever core another process holds (the demo's small networks: 15 ms at 2 threads
+    # beside the flow's other evaluations, against 3-4 ms alone).
+    latency_threads = settings.latency_threads or torch.get_num_threads()
+    out: dict[str, Any] = {"latency_cpu_threads": latency_threads}
     for kind in ("cpu", "gpu"):
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
@@ -228,7 +232,8 @@ def measure_speed(
             kind = "gpu" if device.type == "cuda" else "cpu"
             schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)
             if device.type == "cpu":  # in a process of its own: see food101.speed
-                timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads())
+                timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads(),
+                                          latency_threads=latency_threads)
             else:
                 on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
                 timed = time_model(on_device, single, batch, device, *schedule)

@@ -153,7 +153,8 @@ def build_report(
         _executive_summary(inputs, recs, n_classes, regressions, config.robustness.within_points),
         _recommendations_section(recs),
         Section("summary-table", "Summary table", [
-            Para("All models, most accurate first. Latency is for one photo at a time (batch 1); "
+            Para("All models, most accurate first. Latency is for one photo at a time (batch 1)"
+                 f"{_latency_threads_note(metrics)}; "
                  f"{DASH} means not measured (no GPU, or the stage did not record it)."),
             table,
             *_ensemble_note(config, metrics),
@@ -195,6 +196,15 @@ def build_report(
     }
     return Report(config.report.title, subtitle, sections, summary, records)
 
+
+
+def _latency_threads_note(metrics: dict[str, dict]) -> str:
+    """' on one CPU thread (...)' when every model's CPU latency ran on the same count (evaluate records it)."""
+    counts = {m.get("latency_cpu_threads") for m in metrics.values()} - {None}  # None: an older metrics.json
+    if len(counts) != 1:
+        return ""
+    (count,) = counts
+    return f" on {'one CPU thread' if count == 1 else f'{count} CPU threads'} (`evaluate.latency_threads`)"
 
 
 def _executive_summary(inputs: Inputs, recs: Recommendations, n_classes: int | None,

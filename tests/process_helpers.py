@@ -14,7 +14,8 @@ from torchvision.models import get_model
 
 
 class ForwardLog(torch.nn.Module):
-    """A network that appends the id of the process running each forward to a file."""
+    """A network that appends, for each forward, the id of the process running it, the batch size
+    and torch's intra-op thread count to a file (one line each)."""
 
     def __init__(self, log_file) -> None:
         super().__init__()
@@ -23,7 +24,7 @@ class ForwardLog(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with open(self.log_file, "a") as handle:
-            handle.write(f"{os.getpid()}\n")
+            handle.write(f"{os.getpid()} {x.shape[0]} {torch.get_num_threads()}\n")
         return self.net(x)
 
 
