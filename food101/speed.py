@@ -117,11 +117,11 @@ def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tenso
                       latency: tuple[int, int], throughput: tuple[int, int], threads: int,
                       latency_threads: int | None = None) -> Timed:
     """`time_model` on the CPU with `threads` intra-op threads (`latency_threads` for the batch-1
-    latency when given), in a process of its own: a worker
-    forked from the pipeline's forkserver (food101.processes), which has torch loaded and none of
-    the flow's threads; the network and inputs travel to it pickled, the figures come back with
-    the CPU time the worker spent (a machine monitor counts it as the timing's own). A daemonic
-    process (a Dask worker) may not start a pool: there, a fresh interpreter times it."""
+    latency when given), in a process of its own: a worker forked from the pipeline's forkserver
+    (food101.processes), which has torch loaded and none of the flow's threads; the network and
+    inputs travel to it pickled, the figures come back with the CPU time the worker spent (a
+    machine monitor counts it as the timing's own). A daemonic process (a Dask worker) may not
+    start a pool: there, a fresh interpreter times it."""
     network = model if all(p.device.type == "cpu" for p in model.parameters()) else copy.deepcopy(model).cpu()
     if multiprocessing.current_process().daemon:
         return _time_in_fresh_interpreter(network, single.cpu(), batch.cpu(), latency, throughput, threads,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -25,7 +26,8 @@ def test_every_stage_completes_and_the_report_names_all_models(demo_run):
         assert model in text
         assert 0.0 <= metrics["top1"] <= 1.0
         assert f"{100 * metrics['top1']:.1f}" in text  # top-1 as a percentage, from this run
-        assert metrics["latency_cpu_threads"] == config.evaluate.latency_threads == 1  # params.yaml's default
+        written = json.loads((Path(metrics["eval_dir"]) / "metrics.json").read_text())
+        assert written["latency_cpu_threads"] == config.evaluate.latency_threads == 1  # params.yaml's default
     assert "Latency is for one photo at a time (batch 1) on one CPU thread" in text
 
 
