@@ -61,6 +61,9 @@ def test_ensemble_metrics_have_a_models_keys_a_ci_and_summed_latency(scored):
     members = [ev.read_metrics(config, m) for m in TINY_MODELS]
     for key in ("latency_cpu_p50_ms", "latency_cpu_p95_ms", "params", "size_mb"):
         assert values[key] == pytest.approx(sum(m[key] for m in members))
+    # The members' latencies were timed on the same thread count, and the sum says which.
+    assert values["latency_cpu_threads"] == members[0]["latency_cpu_threads"] == members[1]["latency_cpu_threads"]
+    assert values["latency_cpu_threads"] is not None
     assert ev.read_per_class(config, MEAN)["support"].sum() == 50
     assert ev.read_confusion_counts(config, MEAN).sum() == 50
 
