@@ -407,9 +407,9 @@ def main() -> None:
     limit = "all" if args.limit_per_class is None else str(args.limit_per_class)
     cache_dir = args.cache_dir or Path(tempfile.gettempdir()) / "food101-transfer" / f"{data.name}-{args.size}-{limit}"
     start = time.perf_counter()
-    cache = prepared_cache(data, args.size, args.limit_per_class, cache_dir, args.workers, args.resize)
-    counts = cache.counts
     resize = args.resize or round(args.size * 8 / 7)
+    cache = prepared_cache(data, args.size, args.limit_per_class, cache_dir, args.workers, resize)
+    counts = cache.counts
     train_cache = None
     if args.train_crop and args.train_crop != args.size:
         if args.train_crop > resize:

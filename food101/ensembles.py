@@ -24,6 +24,8 @@ EPS = 1e-12
 ADDITIVE_KEYS = ("latency_cpu_p50_ms", "latency_cpu_p95_ms", "latency_gpu_p50_ms", "latency_gpu_p95_ms",
                  "params", "size_mb", "gflops", "train_time_s")
 THROUGHPUT_KEYS = ("throughput_cpu_ips", "throughput_gpu_ips")
+# Kept when every member agrees (a mixed ensemble has no single value): how its sums were measured.
+SHARED_KEYS = ("latency_cpu_threads",)
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,8 @@ def equal_weights(members: int) -> Fit:
 
 
 def cost_figures(member_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Latency, size, parameters, FLOPs and training time summed; throughput as 1 / sum(1 / t)."""
+    """Latency, size, parameters, FLOPs and training time summed; throughput as 1 / sum(1 / t); the
+    CPU latency's thread count when every member shares it."""
     out: dict[str, Any] = {}
     for key in ADDITIVE_KEYS:
         values = [m.get(key) for m in member_metrics]
@@ -95,6 +98,9 @@ def cost_figures(member_metrics: Sequence[dict[str, Any]]) -> dict[str, Any]:
     for key in THROUGHPUT_KEYS:
         values = [m.get(key) for m in member_metrics]
         out[key] = None if any(not v for v in values) else 1.0 / sum(1.0 / v for v in values)
+    for key in SHARED_KEYS:
+        values = {m.get(key) for m in member_metrics}
+        out[key] = values.pop() if len(values) == 1 else None
     if out["params"] is not None:
         out["params"] = int(out["params"])
     return out

@@ -95,7 +95,6 @@ def evaluate_ensemble(config: Config, spec: EnsembleConfig, parent_run_id: str |
             "model": spec.name, **scores.metrics, **ensembles.cost_figures(member_metrics),
             "train_images_per_s": None, "n_seeds": 1, "top1_seed_mean": scores.metrics["top1"],
             "top1_seed_sd": None, "machine_state": ensembles.busiest_state(member_metrics),
-            "latency_cpu_threads": _common({m.get("latency_cpu_threads") for m in member_metrics}),
         }
         values = {key: values.get(key) for key in METRIC_KEYS}
         record = {"name": spec.name, "members": list(spec.members), "method": spec.method,
@@ -138,8 +137,3 @@ def ensemble(config: Config, models: list[str] | None = None, parent_run_id: str
         run.log_metrics({"ensembles_scored": len(done), "ensembles_skipped": len(skipped)})
         run.log_artifact(write_json(record_path(config), result))
     return result
-
-
-def _common(values: set) -> Any:
-    """The one value every member shares, else None (a mixed ensemble has no single figure)."""
-    return next(iter(values)) if len(values) == 1 else None

@@ -243,7 +243,7 @@ def test_batch_one_latency_runs_on_latency_threads_and_throughput_on_all(tmp_pat
     (1), as export's per-request timings do; throughput keeps the process's thread count."""
     settings = dataclasses.replace(make_config(tmp_path).evaluate, latency_warmup=1, latency_runs=3)
     log_file = tmp_path / "forwards.txt"
-    threads = torch.get_num_threads()
+    saved_threads = torch.get_num_threads()
     torch.set_num_threads(2)  # what the flow's process passes on to the timing worker on this machine
     try:
         speed = ev.measure_speed(ForwardLog(log_file), 32, settings, [torch.device("cpu")])
@@ -251,7 +251,7 @@ def test_batch_one_latency_runs_on_latency_threads_and_throughput_on_all(tmp_pat
         all_log = tmp_path / "forwards-all.txt"
         speed_all = ev.measure_speed(ForwardLog(all_log), 32, all_cores, [torch.device("cpu")])
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(saved_threads)
     threads_by_batch = {}
     for line in log_file.read_text().splitlines():
         _, batch, threads = line.split()
