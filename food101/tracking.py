@@ -260,7 +260,9 @@ def stage_run(
     if system_metrics:
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, samples_before_logging=1)
+        # The project's store, not MLflow's default (mlflow.db in whatever directory this runs in).
+        monitor = SystemMetricsMonitor(run.run_id, sampling_interval=5, samples_before_logging=1,
+                                       tracking_uri=tracking_uri(config))
         monitor.start()
     status = "FAILED"
     try:

@@ -383,6 +383,23 @@ def test_mlflow_gets_the_best_weights_as_a_state_dict_and_no_pickled_model(demo,
     assert _same(best["state_dict"], load_trained_model(config, arch)[0].state_dict())
 
 
+def test_system_metrics_go_to_the_projects_store_from_any_working_directory(
+        demo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found: MLflow's system-metrics monitor was started without the project's tracking URI, so it
+    wrote to MLflow's default store (mlflow.db in the working directory). Run from anywhere but the
+    project root, a train run got no system/ metrics, and a stray mlflow.db appeared there."""
+    arch = "mobilenet_v3_large"
+    config = demo(train__epochs=1, train__batch_size=16, train__max_steps_per_epoch=2, models=[arch])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.05")  # samples within a short stage
+    train.fn(config, arch)
+    client = client_for(config)
+    [run] = client.search_runs([experiment_id(config, client)], "tags.stage = 'train'")
+    assert any(key.startswith("system/cpu_utilization") for key in run.data.metrics), sorted(run.data.metrics)
+    assert list(elsewhere.iterdir()) == []
+
 def test_the_training_hash_counts_only_what_changes_the_model(tmp_path: Path) -> None:
     def hashed(**overrides) -> str:
         return training_hash(make_config(tmp_path, **overrides), "resnet50")
