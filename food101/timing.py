@@ -10,6 +10,7 @@ when either machine was busy.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,59 @@ MIN_WINDOW_S = 0.5  # the shortest window machine_monitor measures over
 # CPU seconds that the block spent in a process that is neither this one nor a waited-for child
 # (a pool worker): the block adds them to the state under this key, and they count as its own.
 WORKER_CPU_KEY = "worker_cpu_s"
+
+
+class QuietLock:
+    """Timings exclusive, heavy untimed work shared, within one process (Prefect's thread runner).
+
+    A stage that times (evaluate's latency, export's runtime probes) holds `timing()`; untimed heavy
+    work that runs beside it in the flow (export's conversion, scoring and quantization) holds
+    `heavy()`. Any number of heavy blocks run together, never beside a timing. A waiting timing
+    goes first: no heavy block starts while one waits, so it waits only for those already running.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._heavy = 0        # heavy blocks running
+        self._timing = False   # a timing running
+        self._waiting = 0      # timings waiting
+
+    @contextmanager
+    def heavy(self) -> Iterator[None]:
+        with self._changed:
+            self._changed.wait_for(lambda: not self._timing and not self._waiting)
+            self._heavy += 1
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._heavy -= 1
+                self._changed.notify_all()
+
+    @contextmanager
+    def timing(self) -> Iterator[None]:
+        with self._changed:
+            self._waiting += 1
+            try:
+                self._changed.wait_for(lambda: not self._timing and not self._heavy)
+            finally:
+                self._waiting -= 1
+            self._timing = True
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._timing = False
+                self._changed.notify_all()
+
+    def state(self) -> tuple[int, bool, int]:
+        """(heavy blocks running, a timing running, timings waiting): for logs and tests."""
+        with self._changed:
+            return self._heavy, self._timing, self._waiting
+
+
+# The flow's one: every timing in this process and the heavy work beside it.
+QUIET = QuietLock()
 
 
 @contextmanager

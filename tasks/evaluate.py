@@ -19,7 +19,6 @@ import logging
 import math
 import shutil
 import statistics
-import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +48,7 @@ from food101.io import (
     write_text,
 )
 from food101.speed import autocast, time_model, time_on_cpu_alone
-from food101.timing import WORKER_CPU_KEY, machine_monitor
+from food101.timing import QUIET, WORKER_CPU_KEY, machine_monitor
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
 from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
@@ -78,8 +77,6 @@ METRIC_KEYS = (
     "n_seeds", "top1_seed_mean", "top1_seed_sd", "machine_state",
 )
 SEED_KEYS = ("top1", "top5", "macro_f1")
-# Two evaluations in one process (Prefect's thread runner) must not time their models at once.
-_timing_lock = threading.Lock()
 
 
 class EvaluationMissing(Food101Error):
@@ -227,7 +224,7 @@ def measure_speed(
     for kind in ("cpu", "gpu"):
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
-    with _timing_lock, machine_monitor() as state:
+    with QUIET.timing(), machine_monitor() as state:  # no other timing or export's heavy work beside it
         for device in devices:
             kind = "gpu" if device.type == "cuda" else "cpu"
             schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)

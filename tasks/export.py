@@ -43,8 +43,8 @@ from food101.onnx_inference import (
     session,
     with_preprocessing,
 )
+from food101.timing import QUIET
 from food101.tracking import Run, stage_run
-from tasks.evaluate import _timing_lock
 
 log = logging.getLogger(__name__)
 
@@ -239,23 +239,26 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
     from tasks.train import load_trained_model, model_dir
 
     settings = config.export
-    network, meta = load_trained_model(config, model, "cpu")
-    crop = config.preprocess.crop
-    module = with_preprocessing(network, meta["mean"], meta["std"], int(meta["image_size"]), crop)
-    cache = open_cache(config)
-    test_images, labels = cache.images("test"), np.asarray(cache.labels("test"), dtype=np.int64)
-    fp32_path, int8_path = staged / ONNX_FILE, staged / INT8_FILE
+    # Conversion, scoring and quantization run beside other models' evaluations (the flow starts
+    # export[m] when evaluate[m] ends), but never while one of them times: food101.timing.QuietLock.
+    with QUIET.heavy():
+        network, meta = load_trained_model(config, model, "cpu")
+        crop = config.preprocess.crop
+        module = with_preprocessing(network, meta["mean"], meta["std"], int(meta["image_size"]), crop)
+        cache = open_cache(config)
+        test_images, labels = cache.images("test"), np.asarray(cache.labels("test"), dtype=np.int64)
+        fp32_path, int8_path = staged / ONNX_FILE, staged / INT8_FILE
 
-    opset = export_onnx(module, crop, fp32_path, settings.opset)
-    reference = torch_logits(module, test_images, settings.batch_size)
-    fp32_logits = run_batches(session(fp32_path, settings.threads), test_images, settings.batch_size)
-    matched = parity(reference, fp32_logits)
-    check_parity(model, matched, settings)
+        opset = export_onnx(module, crop, fp32_path, settings.opset)
+        reference = torch_logits(module, test_images, settings.batch_size)
+        fp32_logits = run_batches(session(fp32_path, settings.threads), test_images, settings.batch_size)
+        matched = parity(reference, fp32_logits)
+        check_parity(model, matched, settings)
 
-    train_images = cache.images("train")
-    rows = calibration_rows(len(train_images), settings.calibration_size, settings.seed)
-    quantize(fp32_path, int8_path, CacheCalibration(train_images, rows, settings.calibration_batch), settings)
-    int8_logits = run_batches(session(int8_path, settings.threads), test_images, settings.batch_size)
+        train_images = cache.images("train")
+        rows = calibration_rows(len(train_images), settings.calibration_size, settings.seed)
+        quantize(fp32_path, int8_path, CacheCalibration(train_images, rows, settings.calibration_batch), settings)
+        int8_logits = run_batches(session(int8_path, settings.threads), test_images, settings.batch_size)
 
     index = cache.index
     train_index = index[index["split"] == "train"].sort_values("position")
@@ -268,9 +271,9 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
     files = {("pytorch", "fp32"): model_dir(config, model) / "best.pt", ("onnxruntime", "fp32"): fp32_path,
              ("onnxruntime", "int8"): int8_path}
     # export[m] runs beside robustness[m] and later models' training and evaluation. The probes hold a
-    # training slot (the CPU's only one on a CPU machine) and evaluate's timing lock, in evaluate's
+    # training slot (the CPU's only one on a CPU machine) and the timing side of QUIET, in evaluate's
     # order, so none of those computes or times while a runtime is timed; the slot is held only here.
-    with training_slots(config).acquire(f"export[{model}]"), _timing_lock:
+    with training_slots(config).acquire(f"export[{model}]"), QUIET.timing():
         timings = {key: probe_runtime(key[0], files[key], crop, settings) for key in VARIANTS}
     variants = []
     for runtime, precision in VARIANTS:
