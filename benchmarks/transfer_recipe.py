@@ -20,6 +20,7 @@ damages the features. The last line printed is one JSON object.
         [--set train.backbone_lr_scale=0.1 ...] [--data DIR] [--model efficientnet_lite0]
         [--grid recipes.yaml] [--seeds 0 1 2] [--device cuda]
         [--train-crop 256] [--fit-on-val] [--refit-head]     # protocol levers (benchmarks/RECIPE.md, round 6)
+        [--recalibrate-bn]                                   # BatchNorm statistics of the photos (round 7)
 
 With `--grid` (and/or several `--seeds`) one process measures every recipe against the same probe:
 one JSON line per recipe and seed, then a summary line ranking the recipes by mean test top-1.
@@ -48,6 +49,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+from torch.optim.swa_utils import update_bn  # noqa: E402
 
 from food101.cache import Cache, build_cache, load_cache  # noqa: E402
 from food101.config import TrainConfig, load_config, parse_override  # noqa: E402
@@ -200,13 +202,17 @@ def test_correct(model: nn.Module, batches: BatchFeed) -> np.ndarray:
 
 
 def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.device, label: str,
-              train_cache: Cache | None = None, fit_on_val: bool = False, refit_head: bool = False) -> FineTuneResult:
+              train_cache: Cache | None = None, fit_on_val: bool = False, refit_head: bool = False,
+              recalibrate_bn: bool = False) -> FineTuneResult:
     """The train stage's path: seeded model, BatchFeed, make_trainer, fit; then the test split.
     `train_cache` (same photos, a larger crop) feeds the train split's random crops instead of `cache`."""
     start = time.perf_counter()
     train_cache = train_cache or cache
     torch.manual_seed(recipe.seed)  # Lite0's drop-connect draws from torch's generator
     model = net.build(len(cache.classes))
+    if recalibrate_bn:  # AdaBN: every BatchNorm's running statistics over the train photos' centre crops
+        update_bn(eval_feed(cache, "train", net, device), model.to(device))
+        log.info("BatchNorm statistics recomputed on %d train photos", len(cache.labels("train")))
     common = {"device": device, "mean": net.mean, "std": net.std, "seed": recipe.seed,
               "channels_last": recipe.channels_last}
     train_images, train_labels = train_cache.images("train"), train_cache.labels("train")
@@ -308,7 +314,8 @@ def measure(args: argparse.Namespace, cache: Cache, net: Pretrained, device: tor
             train_cache: Cache | None = None) -> dict:
     """Fine-tune one recipe and score it against the probe: one JSON-ready row."""
     recipe = recipe_for(args, args.model, entry.settings, seed)
-    tuned = fine_tune(cache, net, recipe, device, args.model, train_cache, args.fit_on_val, args.refit_head)
+    tuned = fine_tune(cache, net, recipe, device, args.model, train_cache, args.fit_on_val, args.refit_head,
+                      args.recalibrate_bn)
     refit_ci = interval(tuned.refit_correct, recipe.seed, args.bootstrap) if tuned.refit_correct is not None else None
     ft_ci = interval(tuned.correct, recipe.seed, args.bootstrap)
     last_ci = interval(tuned.last_correct, recipe.seed, args.bootstrap)
@@ -369,6 +376,9 @@ def main() -> None:
     parser.add_argument("--refit-head", action="store_true",
                         help="also score the fine-tuned network with its head refitted as a linear probe on the "
                              "train photos' centre crops (the test's view), penalty chosen on validation")
+    parser.add_argument("--recalibrate-bn", action="store_true",
+                        help="before fine-tuning, recompute every BatchNorm's running statistics on the train photos' "
+                             "centre crops (AdaBN); with frozen_batchnorm they then stay those")
     parser.add_argument("--limit-per-class", type=int, default=None, help="at most this many train photos a class")
     parser.add_argument("--epochs", type=int, default=None, help="default: params.yaml's train.epochs")
     parser.add_argument("--batch-size", type=int, default=16,
@@ -427,7 +437,7 @@ def main() -> None:
         "data": str(data), "model": args.model, "weights": net.weights, "weights_sha256": weights_sha,
         "classes": len(cache.classes), "train": counts["train"], "val": counts["val"], "test": counts["test"],
         "size": args.size, "resize": resize, "train_crop": args.train_crop or args.size,
-        "fit_on_val": args.fit_on_val,
+        "fit_on_val": args.fit_on_val, "recalibrate_bn": args.recalibrate_bn,
         "batch_size": recipe.batch_size,
         "limit_per_class": args.limit_per_class,
         "probe_top1": round(probe_ci.estimate, 4) if probe_ci else None,
