@@ -21,6 +21,10 @@ def configure(project_dir: Path) -> None:
         "DVC_GLOBAL_CONFIG_DIR": str(state / "dvc-global"),
         # Telemetry: none of it can leave this network anyway, and it slows start-up.
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        # A flow run without a server starts an ephemeral one, and its first start migrates a new
+        # database: 22 s on a quiet 2-core machine, past Prefect's 20 s default ("Timed out while
+        # attempting to connect to ephemeral Prefect API server" on a fresh checkout's make demo).
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "180",
         "MLFLOW_DISABLE_TELEMETRY": "true",
         "DO_NOT_TRACK": "true",
         "DVC_NO_ANALYTICS": "1",

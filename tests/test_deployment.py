@@ -141,6 +141,23 @@ def test_prefect_server_wants_the_token_csrf_and_its_own_origin(tmp_path: Path):
     assert server.poll() is not None
 
 
+@pytest.mark.parametrize(("user_setting", "expected"), [(None, 180.0), ("45", 45.0)])
+def test_a_fresh_ephemeral_server_gets_time_to_migrate_its_database(tmp_path: Path, user_setting, expected):
+    """Found: a fresh checkout's `make demo` stopped with "Timed out while attempting to connect to
+    ephemeral Prefect API server": the first start migrates a new database (22 s on a quiet 2-core
+    machine), past Prefect's 20 s default. food101.env allows 180 s; a user's own setting is kept."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}  # a fresh shell's
+    if user_setting is not None:
+        environment["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = user_setting
+    code = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from food101 import env; "
+            f"env.configure({str(tmp_path)!r}); from prefect.settings import get_current_settings; "
+            "print(get_current_settings().server.ephemeral.startup_timeout_seconds)")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=environment, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert float(done.stdout.split()[-1]) == expected
+
+
 @pytest.mark.parametrize("overrides", [
     {"paths.cache": "/tmp/anywhere"}, {"paths": {"cache": "/tmp/anywhere"}},
     {"orchestration.dask_address": "tcp://203.0.113.9:8786"}, {"data.local_path": "/etc"},
