@@ -25,6 +25,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from food101 import history, notify, registry, serving
 from food101.config import Config, load_config
 from food101.runlock import run_lock
+from food101.timing import QUIET
 from food101.tracking import Run, client_for, finish_run, start_benchmark_run, status_for
 from food101.versioning import record_outputs
 from tasks.confusion import confusion
@@ -129,10 +130,11 @@ def run_stages(config: Config, parent_run_id: str) -> dict[str, Any]:
     if not models:
         stage["report"](config, [], failures, parent_run_id)
         raise AllModelsFailed(f"every model failed: {failures}")
-    ensembles = stage["ensemble"](config, models, parent_run_id)
-    failures.update({name: reason for name, reason in ensembles["skipped"].items()})
-    compared = models + list(ensembles["ensembles"])  # ensembles appear wherever a model does
-    stage["confusion"](config, compared, parent_run_id)
+    with QUIET.heavy():  # beside robustness and export, but not while export times a runtime
+        ensembles = stage["ensemble"](config, models, parent_run_id)
+        failures.update({name: reason for name, reason in ensembles["skipped"].items()})
+        compared = models + list(ensembles["ensembles"])  # ensembles appear wherever a model does
+        stage["confusion"](config, compared, parent_run_id)
     # Robustness before the comparison: its figures are compared with the last benchmark's.
     robustness_failures = _wait_per_model(robust, "robustness", "robustness results")
     comparison = compare_with_previous(config, parent_run_id, compared)

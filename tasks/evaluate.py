@@ -320,21 +320,23 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
     settings = config.evaluate
     params = {"evaluate": dataclasses.asdict(settings)}
     with stage_run(config, "evaluate", parent_run_id, model=model, params=params) as run:
-        train_summary = read_train_summary(config, model)
-        if train_summary.get("status") != "ok":
-            raise EvaluationInputError(
-                f"{model} did not finish training ({train_summary.get('error')}); fix that and train it "
-                f"again (food101 stage train --model {model}) before evaluating"
-            )
-        network, meta = load_trained_model(config, model, "cpu")
-        cache = open_cache(config)
-        classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
-        _check_classes(model, meta, classes)
-        recipe = config.train.for_model(model)
-        replicas = trained_replicas(config, model)
-        image_size = int(meta["image_size"])
-        network = network.eval().to(memory_format=torch.channels_last)
-        images, cache_labels = cache.images("test"), np.asarray(cache.labels("test"))
+        # Untimed work runs beside other models' stages, never while one of them is timed.
+        with QUIET.heavy():
+            train_summary = read_train_summary(config, model)
+            if train_summary.get("status") != "ok":
+                raise EvaluationInputError(
+                    f"{model} did not finish training ({train_summary.get('error')}); fix that and train it "
+                    f"again (food101 stage train --model {model}) before evaluating"
+                )
+            network, meta = load_trained_model(config, model, "cpu")
+            cache = open_cache(config)
+            classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
+            _check_classes(model, meta, classes)
+            recipe = config.train.for_model(model)
+            replicas = trained_replicas(config, model)
+            image_size = int(meta["image_size"])
+            network = network.eval().to(memory_format=torch.channels_last)
+            images, cache_labels = cache.images("test"), np.asarray(cache.labels("test"))
         # The flow starts a model's evaluation while later models still train. Holding a training
         # slot keeps a training off this device while we time it: latency measured next to a
         # training run would be the training's, not the model's.
@@ -356,36 +358,37 @@ def evaluate(config: Config, model: str, parent_run_id: str | None = None) -> di
             replica_probs = {seed: predict(_load_replica(model, best_path, device, classes), feed, device,
                                            total=len(cache_labels))[0]
                              for seed, best_path in replicas}
-        if not np.array_equal(labels, cache_labels):
-            raise EvaluationInputError("the batch feed returned the test labels out of cache order; "
-                                       "predictions cannot be matched to photos")
-        scores = score(probs, labels, settings)
-        per_seed = [{"seed": recipe.seed, **{k: scores.metrics[k] for k in SEED_KEYS}}]
-        for seed, seed_probs in replica_probs.items():
-            seed_scores = score(seed_probs, labels, settings).metrics
-            per_seed.append({"seed": seed, **{k: seed_scores[k] for k in SEED_KEYS}})
+        with QUIET.heavy():
+            if not np.array_equal(labels, cache_labels):
+                raise EvaluationInputError("the batch feed returned the test labels out of cache order; "
+                                           "predictions cannot be matched to photos")
+            scores = score(probs, labels, settings)
+            per_seed = [{"seed": recipe.seed, **{k: scores.metrics[k] for k in SEED_KEYS}}]
+            for seed, seed_probs in replica_probs.items():
+                seed_scores = score(seed_probs, labels, settings).metrics
+                per_seed.append({"seed": seed, **{k: seed_scores[k] for k in SEED_KEYS}})
 
-        index = cache.index
-        paths = index[index["split"] == "test"].sort_values("position")["path"].astype(str).tolist()
-        if len(paths) != len(labels):
-            raise EvaluationInputError(f"the cache index lists {len(paths)} test photos but the cache holds "
-                                       f"{len(labels)}; run preprocess again (food101 stage preprocess)")
-        values = {
-            "model": model, **scores.metrics, **speed, **footprint,
-            "train_time_s": train_summary.get("train_time_s"),
-            "train_images_per_s": train_summary.get("images_per_s"),
-            **seed_summary(per_seed),
-        }
-        values = {key: values[key] for key in METRIC_KEYS}
-        final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
-                                 f"{model}: reliability on {len(labels)} test photos", per_seed, timing,
-                                 arrays={PROBS_FILE: probs.astype(np.float32),
-                                         VAL_PROBS_FILE: val_probs.astype(np.float32)})
+            index = cache.index
+            paths = index[index["split"] == "test"].sort_values("position")["path"].astype(str).tolist()
+            if len(paths) != len(labels):
+                raise EvaluationInputError(f"the cache index lists {len(paths)} test photos but the cache holds "
+                                           f"{len(labels)}; run preprocess again (food101 stage preprocess)")
+            values = {
+                "model": model, **scores.metrics, **speed, **footprint,
+                "train_time_s": train_summary.get("train_time_s"),
+                "train_images_per_s": train_summary.get("images_per_s"),
+                **seed_summary(per_seed),
+            }
+            values = {key: values[key] for key in METRIC_KEYS}
+            final = write_evaluation(eval_dir(config, model), values, scores, paths, labels, classes, display,
+                                     f"{model}: reliability on {len(labels)} test photos", per_seed, timing,
+                                     arrays={PROBS_FILE: probs.astype(np.float32),
+                                             VAL_PROBS_FILE: val_probs.astype(np.float32)})
 
-        run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
-                      "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
-        run.log_metrics({k: v for k, v in values.items() if isinstance(v, (int, float))})
-        run.log_artifacts(final, "eval")
+            run.set_tags({"eval_device": str(device), "cpu_threads": torch.get_num_threads(),
+                          "precision": "bf16-autocast" if device.type == "cuda" else "fp32"})
+            run.log_metrics({k: v for k, v in values.items() if isinstance(v, (int, float))})
+            run.log_artifacts(final, "eval")
         log.info("%s: top-1 %.4f [%.4f, %.4f], top-5 %.4f, ECE %.4f", model, values["top1"],
                  values["top1_ci_low"], values["top1_ci_high"], values["top5"], values["ece"])
         if values["n_seeds"] > 1:

@@ -38,6 +38,7 @@ from food101.corruptions import OPERATIONS, Draws, corrupt, photo_uniforms  # no
 from food101.devices import training_slots
 from food101.errors import Food101Error
 from food101.io import read_json, replace_dir, staging_dir, write_json, write_parquet
+from food101.timing import QUIET
 from food101.tracking import stage_run
 from tasks.evaluate import read_predictions
 from tasks.preprocess import Cache, open_cache
@@ -263,26 +264,30 @@ def robustness(config: Config, model: str, parent_run_id: str | None = None) -> 
     settings = config.robustness
     with stage_run(config, "robustness", parent_run_id, model=model,
                    params={"robustness": dataclasses.asdict(settings)}) as run:
-        clean = read_predictions(config, model)  # evaluate's: the clean accuracy on the same photos
-        network, meta = load_trained_model(config, model, "cpu")
-        cache = open_cache(config)
-        photos = load_test_photos(cache)
-        if clean["path"].astype(str).tolist() != photos.paths:
-            raise RobustnessInputError(f"{model}'s evaluation describes other test photos than the cache; evaluate "
-                                       f"it again (food101 stage evaluate --model {model})")
-        conditions = [(name, s) for name in settings.corruptions for s in settings.severities]
-        image_size, mean, std = int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"])
+        # Untimed work outside the slot: never while another model is timed (food101.timing).
+        with QUIET.heavy():
+            clean = read_predictions(config, model)  # evaluate's: the clean accuracy on the same photos
+            network, meta = load_trained_model(config, model, "cpu")
+            cache = open_cache(config)
+            photos = load_test_photos(cache)
+            if clean["path"].astype(str).tolist() != photos.paths:
+                raise RobustnessInputError(f"{model}'s evaluation describes other test photos than the cache; "
+                                           f"evaluate it again (food101 stage evaluate --model {model})")
+            conditions = [(name, s) for name in settings.corruptions for s in settings.severities]
+            image_size, mean, std = int(meta["image_size"]), tuple(meta["mean"]), tuple(meta["std"])
         # Holding a slot keeps this off a device where another model's latency is being timed.
         with training_slots(config).acquire(f"robustness[{model}]") as device:
             network = network.to(device).eval().to(memory_format=torch.channels_last)
             preds = {cond: classify(network, photos, *cond, settings, device, image_size, mean, std)
                      for cond in tqdm(conditions, desc=f"robustness[{model}]", unit="condition", disable=None)}
-        classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
-        results = score(preds, clean["correct"].to_numpy(dtype=bool), photos.labels, classes, display, settings, model)
-        final = write_robustness(robustness_dir(config, model), results, per_photo_frame(photos, preds))
-        run.set_tags({"robustness_device": str(device)})
-        run.log_metrics(flat_metrics(results))
-        run.log_artifacts(final, "robustness")
+        with QUIET.heavy():
+            classes, display = list(cache.classes), list(cache.display) or list(cache.classes)
+            results = score(preds, clean["correct"].to_numpy(dtype=bool), photos.labels, classes, display, settings,
+                            model)
+            final = write_robustness(robustness_dir(config, model), results, per_photo_frame(photos, preds))
+            run.set_tags({"robustness_device": str(device)})
+            run.log_metrics(flat_metrics(results))
+            run.log_artifacts(final, "robustness")
         log.info("%s: mean corruption accuracy %.4f (clean %.4f, relative %.3f) over %d conditions", model,
                  results["mean_corruption_accuracy"], results["clean_top1"], results["relative_robustness"] or 0.0,
                  len(conditions))
