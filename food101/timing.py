@@ -118,6 +118,21 @@ def machine_monitor() -> Iterator[dict[str, Any]]:
         state["cpu_mhz"] = round(frequency.current, 1) if frequency else None
 
 
+def settle(max_other_cpu_share: float, timeout_s: float) -> float:
+    """Wait until the rest of the machine uses at most `max_other_cpu_share` of all cores over one
+    machine_monitor window, or `timeout_s` has passed; the seconds waited. Called before timing:
+    a burst of other work (Prefect's API server recording the task states of the stages that just
+    ended) passes in seconds, and a timing started in it reads as a busy machine."""
+    start = time.perf_counter()
+    while True:
+        with machine_monitor() as state:
+            pass  # the monitor's shortest window, MIN_WINDOW_S
+        share = state["other_cpu_share"]
+        waited = time.perf_counter() - start
+        if share is None or share <= max_other_cpu_share or waited >= timeout_s:
+            return round(waited, 2)
+
+
 def _own(times: Any) -> float:
     """CPU seconds of this process and of its children it has waited for (a timing probe runs in
     one: its work is this timing's, not another process's)."""

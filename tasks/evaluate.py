@@ -48,7 +48,7 @@ from food101.io import (
     write_text,
 )
 from food101.speed import autocast, time_model, time_on_cpu_alone
-from food101.timing import QUIET, WORKER_CPU_KEY, machine_monitor
+from food101.timing import MIN_WINDOW_S, QUIET, WORKER_CPU_KEY, machine_monitor, settle
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
 from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
@@ -215,7 +215,6 @@ def measure_speed(
     generator = torch.Generator().manual_seed(settings.seed)
     single = torch.randn(1, 3, image_size, image_size, generator=generator)
     batch = torch.randn(settings.throughput_batch, 3, image_size, image_size, generator=generator)
-    tp_warmup, tp_runs = throughput_schedule(settings)
     # Batch-1 latency on few threads: a request's own cost, and on a shared machine two threads
     # wait on whichever core another process holds (the demo's small networks: 15 ms at 2 threads
     # beside the flow's other evaluations, against 3-4 ms alone).
@@ -224,27 +223,42 @@ def measure_speed(
     for kind in ("cpu", "gpu"):
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
-    with QUIET.timing(), machine_monitor() as state:  # no other timing or export's heavy work beside it
-        for device in devices:
-            kind = "gpu" if device.type == "cuda" else "cpu"
-            schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)
-            if device.type == "cpu":  # in a process of its own: see food101.speed
-                timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads(),
-                                          latency_threads=latency_threads)
-            else:
-                on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
-                timed = time_model(on_device, single, batch, device, *schedule)
-            out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = timed.latency_p50_ms, timed.latency_p95_ms
-            out[f"throughput_{kind}_ips"] = timed.throughput_ips
-            state[WORKER_CPU_KEY] = state.get(WORKER_CPU_KEY, 0.0) + timed.worker_cpu_s
-            if samples is not None:
-                for metric, values in (("latency_ms", timed.latency_samples_ms),
-                                       ("throughput_ips", timed.throughput_samples_ips)):
-                    samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v)}
-                                   for i, v in enumerate(values))
-            log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
-                     device, timed.latency_p50_ms, timed.latency_p95_ms, timed.throughput_ips, len(batch))
+    with QUIET.timing():  # no other timing or export's heavy work beside it
+        waited = settle(settings.settle_cpu_share, settings.settle_s) if settings.settle_s > 0 else 0.0
+        if waited >= MIN_WINDOW_S * 2:
+            log.info("waited %.1f s for other processes to quieten before timing", waited)
+        with machine_monitor() as state:
+            out.update(_time_devices(model, single, batch, devices, settings, latency_threads, state, samples))
+    state["settle_wait_s"] = waited
     out["machine_state"] = state
+    return out
+
+
+def _time_devices(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, devices: list[torch.device],
+                  settings: EvaluateConfig, latency_threads: int, state: dict[str, Any],
+                  samples: list[dict[str, Any]] | None) -> dict[str, Any]:
+    """measure_speed's timings on each device, the worker's CPU time added to `state`."""
+    out: dict[str, Any] = {}
+    tp_warmup, tp_runs = throughput_schedule(settings)
+    schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)
+    for device in devices:
+        kind = "gpu" if device.type == "cuda" else "cpu"
+        if device.type == "cpu":  # in a process of its own: see food101.speed
+            timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads(),
+                                      latency_threads=latency_threads)
+        else:
+            on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
+            timed = time_model(on_device, single, batch, device, *schedule)
+        out[f"latency_{kind}_p50_ms"], out[f"latency_{kind}_p95_ms"] = timed.latency_p50_ms, timed.latency_p95_ms
+        out[f"throughput_{kind}_ips"] = timed.throughput_ips
+        state[WORKER_CPU_KEY] = state.get(WORKER_CPU_KEY, 0.0) + timed.worker_cpu_s
+        if samples is not None:
+            for metric, values in (("latency_ms", timed.latency_samples_ms),
+                                   ("throughput_ips", timed.throughput_samples_ips)):
+                samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v)}
+                               for i, v in enumerate(values))
+        log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
+                 device, timed.latency_p50_ms, timed.latency_p95_ms, timed.throughput_ips, len(batch))
     return out
 
 

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -135,11 +136,15 @@ def _seed_tracking_db(db: Path) -> None:
         shutil.copyfile(template, db)
 
 
-def generated_overrides(root: Path) -> dict[str, str]:
-    """--set overrides that move every generated path under `root` (the sample stays shared)."""
+def generated_overrides(root: Path) -> dict[str, Any]:
+    """--set overrides that move every generated path under `root` (the sample stays shared), and
+    timings that start without waiting for a quiet machine: the suite's two workers keep each
+    other's core busy, so every evaluation would wait out `evaluate.settle_s` (test_evaluate
+    tests the wait)."""
     _seed_tracking_db(root / _DEFAULT_RELATIVE["tracking_db"])
     out = {f"paths.{k}": str(root / v) for k, v in _DEFAULT_RELATIVE.items()}
     out["paths.sample"] = str(SAMPLE)
+    out["evaluate.settle_s"] = 0
     return out
 
 

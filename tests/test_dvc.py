@@ -51,7 +51,7 @@ def dvc_project(tmp_path_factory):
     run(["git", "init", "-q"], root, env)
     # The demo profile, trained for fewer steps: DVC's behaviour does not depend on the epochs.
     fast = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.overrides={}", "evaluate.latency_runs=5",
-            f"models=[{','.join(MODELS)}]"]
+            "evaluate.settle_s=0", f"models=[{','.join(MODELS)}]"]
     run(["food101", "params", "--profile", "demo", *sum((["--set", s] for s in fast), []),
          "--write", "params.yaml"], root, env)
     run(["git", "add", "-A"], root, env)

@@ -18,7 +18,7 @@ from tests.test_dvc import project_copy, run
 pytestmark = pytest.mark.slow
 
 FAST = {"train.epochs": 1, "train.max_steps_per_epoch": 2, "train.overrides": {}, "evaluate.latency_runs": 3,
-        "evaluate.bootstrap_samples": 50}
+        "evaluate.bootstrap_samples": 50, "evaluate.settle_s": 0}
 
 
 def child_structure(client: MlflowClient, parent_run_id: str) -> set[tuple[str, str | None]]:
