@@ -34,10 +34,15 @@ WORKER_CPU_KEY = "worker_cpu_s"
 class QuietLock:
     """Timings exclusive, heavy untimed work shared, within one process (Prefect's thread runner).
 
-    A stage that times (evaluate's latency, export's runtime probes) holds `timing()`; untimed heavy
-    work that runs beside it in the flow (export's conversion, scoring and quantization) holds
-    `heavy()`. Any number of heavy blocks run together, never beside a timing. A waiting timing
-    goes first: no heavy block starts while one waits, so it waits only for those already running.
+    A stage that times (evaluate's latency, export's runtime probes) holds `timing()`; untimed work
+    that runs beside it in the flow holds `heavy()`: evaluate's and robustness's loading, scoring
+    and plots, export's conversion, scoring and quantization, the ensemble and confusion stages.
+    Any number of heavy blocks run together, never beside a timing. A waiting timing goes first:
+    no heavy block starts while one waits, so it waits only for those already running.
+
+    A heavy block must not wait for anything a timing holds (a training slot): the timing would
+    wait for it in turn. Heavy blocks nest in one thread; a timing inside one is refused, as it
+    would wait for its own thread.
     """
 
     def __init__(self) -> None:
@@ -45,21 +50,29 @@ class QuietLock:
         self._heavy = 0        # heavy blocks running
         self._timing = False   # a timing running
         self._waiting = 0      # timings waiting
+        self._mine = threading.local()  # this thread's heavy depth
 
     @contextmanager
     def heavy(self) -> Iterator[None]:
-        with self._changed:
-            self._changed.wait_for(lambda: not self._timing and not self._waiting)
-            self._heavy += 1
+        depth = getattr(self._mine, "depth", 0)
+        if depth == 0:
+            with self._changed:
+                self._changed.wait_for(lambda: not self._timing and not self._waiting)
+                self._heavy += 1
+        self._mine.depth = depth + 1
         try:
             yield
         finally:
-            with self._changed:
-                self._heavy -= 1
-                self._changed.notify_all()
+            self._mine.depth = depth
+            if depth == 0:
+                with self._changed:
+                    self._heavy -= 1
+                    self._changed.notify_all()
 
     @contextmanager
     def timing(self) -> Iterator[None]:
+        if getattr(self._mine, "depth", 0):
+            raise RuntimeError("a timing inside a heavy block would wait for its own thread")
         with self._changed:
             self._waiting += 1
             try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import threading
 
+import pytest
+
 from food101.timing import QuietLock
 
 WAIT = 0.5  # long enough for a thread that is free to go; these tests never assert on durations
@@ -72,4 +74,32 @@ def test_timings_run_one_at_a_time_and_the_lock_is_free_after_an_error():
             raise RuntimeError("a failed export")
     except RuntimeError:
         pass
+    assert other.state() == (0, False, 0)
+
+
+def test_heavy_blocks_nest_in_one_thread_and_a_timing_inside_one_is_refused():
+    """A nested heavy block must not wait behind a timing that waits for its own outer block."""
+    lock = QuietLock()
+    release = threading.Event()
+    outer_inside, inner_done = threading.Event(), threading.Event()
+
+    def nested(entered: threading.Event) -> None:
+        with lock.heavy():
+            outer_inside.set()
+            release.wait()
+            with lock.heavy():
+                inner_done.set()
+        entered.set()
+
+    thread, finished = _start(nested)
+    assert outer_inside.wait(WAIT)
+    timing, timing_entered = _start(_hold(lock.timing, threading.Event()))
+    while lock.state()[2] == 0:  # until the timing waits
+        threading.Event().wait(0.01)
+    release.set()
+    assert inner_done.wait(WAIT) and finished.wait(WAIT)  # the inner block did not wait
+    assert timing_entered.wait(WAIT)
+    other = QuietLock()
+    with other.heavy(), pytest.raises(RuntimeError, match="its own thread"), other.timing():
+        raise AssertionError("a timing inside a heavy block ran")
     assert other.state() == (0, False, 0)
