@@ -87,6 +87,11 @@ class QuietLock:
                 self._timing = False
                 self._changed.notify_all()
 
+    def __reduce__(self) -> tuple[Any, tuple]:
+        # Under Dask a task function travels by value with the globals it names, QUIET among them.
+        # A lock orders the threads of one process: the copy is the receiving process's own.
+        return _process_quiet, ()
+
     def state(self) -> tuple[int, bool, int]:
         """(heavy blocks running, a timing running, timings waiting): for logs and tests."""
         with self._changed:
@@ -95,6 +100,10 @@ class QuietLock:
 
 # The flow's one: every timing in this process and the heavy work beside it.
 QUIET = QuietLock()
+
+
+def _process_quiet() -> QuietLock:
+    return QUIET
 
 
 @contextmanager

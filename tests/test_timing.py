@@ -103,3 +103,17 @@ def test_heavy_blocks_nest_in_one_thread_and_a_timing_inside_one_is_refused():
     with other.heavy(), pytest.raises(RuntimeError, match="its own thread"), other.timing():
         raise AssertionError("a timing inside a heavy block ran")
     assert other.state() == (0, False, 0)
+
+
+def test_a_task_sent_to_another_process_takes_that_process_lock():
+    """Found: under Dask's task runner the flow failed ("cannot pickle '_thread.RLock' object"):
+    Dask sends evaluate by value with the globals it names, and it names QUIET."""
+    import cloudpickle
+
+    from food101.timing import QUIET
+
+    def stage() -> QuietLock:  # a function that names the lock, as evaluate and robustness do
+        return QUIET
+
+    assert cloudpickle.loads(cloudpickle.dumps(stage))() is QUIET
+    assert cloudpickle.loads(cloudpickle.dumps(QUIET)) is QUIET
