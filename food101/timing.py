@@ -93,7 +93,7 @@ class QuietLock:
         return _process_quiet, ()
 
     def state(self) -> tuple[int, bool, int]:
-        """(heavy blocks running, a timing running, timings waiting): for logs and tests."""
+        """(heavy blocks running, a timing running, timings waiting): for tests."""
         with self._changed:
             return self._heavy, self._timing, self._waiting
 
@@ -144,7 +144,10 @@ def settle(max_other_cpu_share: float, timeout_s: float) -> float:
     """Wait until the rest of the machine uses at most `max_other_cpu_share` of all cores over one
     machine_monitor window, or `timeout_s` has passed; the seconds waited. Called before timing:
     a burst of other work (Prefect's API server recording the task states of the stages that just
-    ended) passes in seconds, and a timing started in it reads as a busy machine."""
+    ended) passes in seconds, and a timing started in it reads as a busy machine. A `timeout_s`
+    of 0 or less does not wait."""
+    if timeout_s <= 0:
+        return 0.0
     start = time.perf_counter()
     while True:
         with machine_monitor() as state:

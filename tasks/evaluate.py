@@ -224,7 +224,7 @@ def measure_speed(
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
     with QUIET.timing():  # no other timing or export's heavy work beside it
-        waited = settle(settings.settle_cpu_share, settings.settle_s) if settings.settle_s > 0 else 0.0
+        waited = settle(settings.settle_cpu_share, settings.settle_s)
         if waited >= MIN_WINDOW_S * 2:
             log.info("waited %.1f s for other processes to quieten before timing", waited)
         with machine_monitor() as state:

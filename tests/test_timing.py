@@ -19,6 +19,16 @@ def _start(target) -> tuple[threading.Thread, threading.Event]:
     return thread, entered
 
 
+def _until(condition, limit_s: float = 10.0) -> None:
+    """Poll `condition` until it holds; fail (instead of hanging) after `limit_s`."""
+    stop = threading.Event()
+    for _ in range(int(limit_s / 0.01)):
+        if condition():
+            return
+        stop.wait(0.01)
+    raise AssertionError(f"still not true after {limit_s} s")
+
+
 def _hold(block, release: threading.Event):
     def run(entered: threading.Event) -> None:
         with block():
@@ -48,8 +58,7 @@ def test_a_waiting_timing_goes_before_heavy_work_that_arrives_after_it():
     first, first_entered = _start(_hold(lock.heavy, release_first))
     assert first_entered.wait(WAIT)
     timing, timing_entered = _start(_hold(lock.timing, release_timing))
-    while lock.state()[2] == 0:  # until the timing waits
-        threading.Event().wait(0.01)
+    _until(lambda: lock.state()[2] == 1)  # the timing waits
     late, late_entered = _start(_hold(lock.heavy, threading.Event()))
     assert not late_entered.wait(WAIT)  # it would run beside the timing that follows
     release_first.set()
@@ -94,8 +103,7 @@ def test_heavy_blocks_nest_in_one_thread_and_a_timing_inside_one_is_refused():
     thread, finished = _start(nested)
     assert outer_inside.wait(WAIT)
     timing, timing_entered = _start(_hold(lock.timing, threading.Event()))
-    while lock.state()[2] == 0:  # until the timing waits
-        threading.Event().wait(0.01)
+    _until(lambda: lock.state()[2] == 1)  # the timing waits
     release.set()
     assert inner_done.wait(WAIT) and finished.wait(WAIT)  # the inner block did not wait
     assert timing_entered.wait(WAIT)
