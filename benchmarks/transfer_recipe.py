@@ -220,7 +220,8 @@ def fine_tune(cache: Cache, net: Pretrained, recipe: TrainConfig, device: torch.
         train_images = np.concatenate([train_images, train_cache.images("val")])
         train_labels = np.concatenate([train_labels, train_cache.labels("val")])
     train_feed = BatchFeed(train_images, train_labels, batch_size=recipe.batch_size, train=True,
-                           image_size=recipe.image_size, min_scale=recipe.min_scale, **common)
+                           image_size=recipe.image_size, min_scale=recipe.min_scale,
+                           color_jitter=recipe.color_jitter, **common)
     val_images = cache.images("val")
     val_feed = BatchFeed(val_images, cache.labels("val"), batch_size=2 * recipe.batch_size, train=False,
                          image_size=int(val_images.shape[1]), **common)

@@ -109,6 +109,7 @@ class TrainConfig:
     frozen_batchnorm: bool
     head_init: Literal["zero", "probe"]
     min_scale: float
+    color_jitter: float
     ema_half_life_epochs: float
     early_stopping_patience: int
     seed: int

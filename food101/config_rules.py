@@ -53,6 +53,7 @@ _TRAIN_RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "warmup_epochs": _at_least(0),
     "freeze_backbone_epochs": _at_least(0),
     "min_scale": _FRACTION_OPEN_BOTTOM,
+    "color_jitter": _FRACTION_OPEN_TOP,  # 0: no colour jitter
     "ema_half_life_epochs": _at_least(0),  # 0: no moving average of the weights
     "backbone_lr_scale": _FRACTION_OPEN_BOTTOM,  # the backbone's LR / the head's
     "backbone_lr_decay": _FRACTION_OPEN_BOTTOM,  # the backbone's first layers' LR / its last layers'

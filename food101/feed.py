@@ -5,7 +5,8 @@ memmap and a copy, never a JPEG decode. Rows are gathered with sorted indices (a
 file order), into pinned memory on CUDA and copied with `non_blocking`, by `workers` background
 threads that stay `prefetch` batches ahead each (batch i is made by thread i mod workers, and the
 batches come out in order). The random resized crop and the flip are one batched
-`affine_grid` + `grid_sample` on the device; the normalisation is folded into one multiply-add.
+`affine_grid` + `grid_sample` on the device, the optional colour jitter a few per-photo
+multiply-adds; the normalisation is folded into one multiply-add.
 
 Randomness comes from numpy generators seeded with (seed, epoch[, batch]): the same seed and
 epoch give the same batches on any device and whatever the thread timing.
@@ -43,6 +44,7 @@ class BatchFeed:
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         min_scale: float = 0.25,
+        color_jitter: float = 0.0,
         seed: int = 0,
         drop_last: bool | None = None,
         channels_last: bool = True,
@@ -56,6 +58,8 @@ class BatchFeed:
             raise ValueError(f"{len(images)} images but {len(labels)} labels")
         if batch_size < 1 or image_size < 1 or not 0 < min_scale <= 1:
             raise ValueError("batch_size and image_size must be positive and min_scale in (0, 1]")
+        if not 0 <= color_jitter < 1:
+            raise ValueError(f"color_jitter must be in [0, 1), got {color_jitter}")
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers}")
         self.images = images
@@ -65,6 +69,7 @@ class BatchFeed:
         self.train = train
         self.image_size = image_size
         self.min_scale = min_scale
+        self.color_jitter = color_jitter
         self.seed = seed
         self.drop_last = train if drop_last is None else drop_last
         self.channels_last = channels_last
@@ -134,13 +139,18 @@ class BatchFeed:
         return host.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
 
     def _augment(self, pixels: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
-        """Random resized crop to image_size and random horizontal flip, one grid_sample for the batch."""
+        """Random resized crop to image_size and random horizontal flip, one grid_sample for the batch;
+        then the colour jitter, when there is one."""
         batch, height, width = pixels.shape[:3]
         theta = torch.from_numpy(crop_thetas(rng, batch, height, width, self.min_scale))
         theta = theta.to(self.device, non_blocking=True)
         grid = axis_aligned_grid(theta, self.image_size)
         source = pixels.permute(0, 3, 1, 2).float()  # NHWC storage read as NCHW: channels_last
-        return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        out = F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.color_jitter > 0:  # drawn after the crops: a jitter of 0 leaves every earlier pixel as it was
+            factors = torch.from_numpy(jitter_factors(rng, batch, self.color_jitter)).to(self.device)
+            out = color_jitter(out, factors)
+        return out
 
     def _resize_eval(self, pixels: torch.Tensor) -> torch.Tensor:
         source = pixels.permute(0, 3, 1, 2).float()
@@ -217,6 +227,27 @@ def crop_thetas(rng: np.random.Generator, batch: int, height: int, width: int, m
     theta[:, 1, 1] = crop_h / height
     theta[:, 1, 2] = (top + crop_h / 2) / height * 2 - 1
     return theta
+
+
+def jitter_factors(rng: np.random.Generator, batch: int, strength: float) -> np.ndarray:
+    """(B, 3) float32 brightness, contrast and saturation factors, each uniform in [1 - s, 1 + s]."""
+    return rng.uniform(1.0 - strength, 1.0 + strength, size=(batch, 3)).astype(np.float32)
+
+
+def color_jitter(pixels: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
+    """Brightness, contrast and saturation per photo, as torchvision's ColorJitter (without hue).
+
+    `pixels` is (B, 3, H, W) float in 0..255; `factors` (B, 3) from `jitter_factors`. Brightness
+    scales the pixels; contrast blends each photo with its mean grey; saturation blends each pixel
+    with its own grey (torchvision's luma weights). Clamped to 0..255 after each step.
+    """
+    luma = torch.tensor([0.2989, 0.587, 0.114], dtype=pixels.dtype, device=pixels.device).view(1, 3, 1, 1)
+    brightness, contrast, saturation = (factors[:, k].view(-1, 1, 1, 1) for k in range(3))
+    out = (pixels * brightness).clamp_(0, 255)
+    grey_mean = (out * luma).sum(dim=1, keepdim=True).mean(dim=(2, 3), keepdim=True)
+    out = (out * contrast + grey_mean * (1 - contrast)).clamp_(0, 255)
+    grey = (out * luma).sum(dim=1, keepdim=True)
+    return (out * saturation + grey * (1 - saturation)).clamp_(0, 255)
 
 
 def axis_aligned_grid(theta: torch.Tensor, size: int) -> torch.Tensor:

@@ -370,7 +370,8 @@ def train_into(training: Training, model: str, cache: Cache, device: torch.devic
     # diverged or out-of-memory training leaves a failed train.json that says what to do.
     with _failure_recorded(out, model, recipe, device, config_hash):
         train_feed = BatchFeed(train_images, cache.labels("train"), batch_size=recipe.batch_size, train=True,
-                               image_size=recipe.image_size, min_scale=recipe.min_scale, **common)
+                               image_size=recipe.image_size, min_scale=recipe.min_scale,
+                               color_jitter=recipe.color_jitter, **common)
         val_feed = BatchFeed(val_images, cache.labels("val"), batch_size=2 * recipe.batch_size, train=False,
                              image_size=eval_size, **common)
         steps = len(train_feed) if recipe.max_steps_per_epoch is None else min(len(train_feed),

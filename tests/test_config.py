@@ -49,6 +49,7 @@ def test_per_model_overrides_merge_into_the_recipe():
         ("train.pretrained=maybe", "expected true or false"),
         ("train.overrides={resnet5: {lr: 1}}", "train.overrides: 'resnet5' is not a torchvision"),
         ("train.overrides={resnet50: {lr_max: 1}}", "unknown keys"),
+        ("train.color_jitter=1.0", r"train.color_jitter .*in \[0, 1\)"),
     ],
 )
 def test_bad_parameters_name_the_problem(override, message):

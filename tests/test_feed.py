@@ -157,3 +157,34 @@ def test_axis_aligned_grid_equals_affine_grid() -> None:
     theta = torch.from_numpy(crop_thetas(np.random.default_rng(1), 16, 40, 56, 0.25))
     expected = torch.nn.functional.affine_grid(theta, [16, 3, 24, 24], align_corners=False)
     torch.testing.assert_close(axis_aligned_grid(theta, 24), expected, atol=1e-6, rtol=0)
+
+
+def test_color_jitter_is_torchvisions_brightness_contrast_saturation() -> None:
+    from torchvision.transforms.v2 import functional as TF
+
+    from food101.feed import color_jitter, jitter_factors
+
+    pixels = torch.rand(4, 3, 20, 24, generator=torch.Generator().manual_seed(0)) * 255
+    factors = torch.from_numpy(jitter_factors(np.random.default_rng(0), 4, 0.6))
+    assert factors.shape == (4, 3) and ((factors >= 0.4) & (factors <= 1.6)).all() and factors.std() > 0.1
+    ours = color_jitter(pixels.clone(), factors) / 255
+    for k in range(4):
+        b, c, s = factors[k].tolist()
+        expected = TF.adjust_saturation(TF.adjust_contrast(TF.adjust_brightness(pixels[k] / 255, b), c), s)
+        torch.testing.assert_close(ours[k], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_color_jitter_changes_colours_only_and_zero_changes_nothing(photos) -> None:
+    plain = batches(feed(photos))
+    jittered = batches(feed(photos, color_jitter=0.4))
+    for (x0, y0), (x1, y1) in zip(plain, jittered, strict=True):
+        assert torch.equal(y0, y1)
+        assert not torch.allclose(x0, x1)
+        # The same crops: the jitter is drawn after them, and keeps each photo's layout (its
+        # brightest pixels stay among its brighter ones).
+        for a, b in zip(x0, x1, strict=True):
+            corr = torch.corrcoef(torch.stack([a.mean(0).flatten(), b.mean(0).flatten()]))[0, 1]
+            assert corr > 0.9
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(plain, batches(feed(photos, color_jitter=0.0)), strict=True))
+    with pytest.raises(ValueError, match="color_jitter"):
+        feed(photos, color_jitter=1.0)
