@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from food101.devices import synchronize
-from food101.processes import process_pool
+from food101.processes import process_pool, start_forkserver
 
 PROBE_TIMEOUT_S = 1800  # a ResNet-50 at 224 px on a slow CPU, 100 runs and the throughput batches
 
@@ -129,6 +129,14 @@ def time_on_cpu_alone(model: nn.Module, single: torch.Tensor, batch: torch.Tenso
     with process_pool(1) as pool:
         return pool.submit(_time_on_cpu, network, single.cpu(), batch.cpu(), latency, throughput,
                            threads, latency_threads).result(timeout=PROBE_TIMEOUT_S)
+
+
+def prepare_cpu_probe() -> None:
+    """Start what `time_on_cpu_alone` forks its probe from (food101.processes.start_forkserver),
+    before a timing window opens. A Dask worker, which times in a fresh interpreter, has nothing to
+    start."""
+    if not multiprocessing.current_process().daemon:
+        start_forkserver()
 
 
 def _time_on_cpu(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, latency: tuple[int, int],

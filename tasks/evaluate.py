@@ -47,7 +47,7 @@ from food101.io import (
     write_parquet,
     write_text,
 )
-from food101.speed import autocast, time_model, time_on_cpu_alone
+from food101.speed import autocast, prepare_cpu_probe, time_model, time_on_cpu_alone
 from food101.timing import MIN_WINDOW_S, QUIET, WORKER_CPU_KEY, machine_monitor, settle
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
@@ -224,6 +224,8 @@ def measure_speed(
         for key in ("latency_{}_p50_ms", "latency_{}_p95_ms", "throughput_{}_ips"):
             out[key.format(kind)] = None
     with QUIET.timing():  # no other timing or export's heavy work beside it
+        if any(device.type == "cpu" for device in devices):
+            prepare_cpu_probe()  # the forkserver's first start is not another process's work to wait out
         waited = settle(settings.settle_cpu_share, settings.settle_s)
         if waited >= MIN_WINDOW_S * 2:
             log.info("waited %.1f s for other processes to quieten before timing", waited)
