@@ -447,7 +447,11 @@ def executive_summary_text(recs: Recommendations, metrics: dict[str, dict[str, A
     elif len(ranked) > len(tied) + 1:
         others = [x for x in ranked if x != chosen and x not in tied]
         second = others[0]
-        text += (f" It is also the most accurate model; the next, {second}, reaches {pct(metrics[second]['top1'])} "
+        # The decision sentence has already called it the most accurate of all, or not (the most
+        # accurate under the budget, the fastest within a margin): say it once.
+        lead = "The next" if recs.deploy.case in ("under_budget_best", "untimed") else \
+            "It is also the most accurate model; the next"
+        text += (f" {lead}, {second}, reaches {pct(metrics[second]['top1'])} "
                  f"({point_gap(m['top1'] - metrics[second]['top1'])} less).")
         difference = difference_text(significance, metrics, chosen, second)
         if difference:
