@@ -172,19 +172,21 @@ def _busy(times: Any) -> float:
 
 def noise_reasons(state: dict[str, Any] | None, max_load_per_core: float, max_other_cpu_share: float,
                   which: str) -> list[str]:
-    """Why the machine of `which` benchmark was too busy to trust its timings (empty: it was quiet)."""
+    """Why the machine of `which` benchmark was too busy to trust its timings (empty: it was quiet).
+    An empty `which` names none ("load average 1.20 per core > 1")."""
     if not state:
-        return [f"the {which} benchmark did not record the machine's state"]
+        return [f"the {which + ' ' if which else ''}benchmark did not record the machine's state"]
+    named, labelled = (f"{which} ", f"{which}: ") if which else ("", "")
     reasons = []
     load = state.get("load_per_core")
     if load is not None and load > max_load_per_core:
-        reasons.append(f"{which} load average {load:.2f} per core > {max_load_per_core:g}")
+        reasons.append(f"{named}load average {load:.2f} per core > {max_load_per_core:g}")
     other = state.get("other_cpu_share")
     if other is not None and other > max_other_cpu_share:
-        reasons.append(f"{which}: other processes used {other:.0%} of the CPU > {max_other_cpu_share:.0%}")
+        reasons.append(f"{labelled}other processes used {other:.0%} of the CPU > {max_other_cpu_share:.0%}")
     steal = state.get("steal_share")
     if steal is not None and steal > max_other_cpu_share:
-        reasons.append(f"{which}: hypervisor steal {steal:.0%} of the CPU > {max_other_cpu_share:.0%}")
+        reasons.append(f"{labelled}hypervisor steal {steal:.0%} of the CPU > {max_other_cpu_share:.0%}")
     return reasons
 
 

@@ -43,7 +43,7 @@ from food101.onnx_inference import (
     session,
     with_preprocessing,
 )
-from food101.timing import QUIET
+from food101.timing import QUIET, machine_monitor, noise_reasons, settle
 from food101.tracking import Run, stage_run
 
 log = logging.getLogger(__name__)
@@ -273,8 +273,13 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
     # export[m] runs beside robustness[m] and later models' training and evaluation. The probes hold a
     # training slot (the CPU's only one on a CPU machine) and the timing side of QUIET, in evaluate's
     # order, so none of those computes or times while a runtime is timed; the slot is held only here.
+    # Before timing, the same settle wait as evaluate's (evaluate.settle_s); the machine's state over
+    # the probes is recorded (each probe is a waited-for child, so its CPU counts as the timing's own).
     with training_slots(config).acquire(f"export[{model}]"), QUIET.timing():
-        timings = {key: probe_runtime(key[0], files[key], crop, settings) for key in VARIANTS}
+        waited = settle(config.evaluate.settle_cpu_share, config.evaluate.settle_s)
+        with machine_monitor() as state:
+            timings = {key: probe_runtime(key[0], files[key], crop, settings) for key in VARIANTS}
+    state["settle_wait_s"] = waited
     variants = []
     for runtime, precision in VARIANTS:
         key = (runtime, precision)
@@ -290,7 +295,7 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
     summary = {"model": model, "status": "ok", "opset": opset, "n_test": int(len(labels)),
                "parity": matched, "int8": comparison, "threads": settings.threads,
                "calibration": {"split": "train", "rows": int(len(rows)), "seed": settings.seed},
-               "variants": variants}
+               "machine_state": state, "variants": variants}
     return summary, calibration
 
 
@@ -430,6 +435,20 @@ def plot_deployment(rows: list[dict[str, Any]], path: Path) -> Path:
     return path
 
 
+def busy_exports(config: Config, exports: dict[str, dict[str, Any]]) -> dict[str, list[str]]:
+    """The exported models whose runtimes were timed on a busy machine, and why (the alerts'
+    thresholds, as for evaluate's timings). An export.json from before machine states were
+    recorded has none, and is not flagged."""
+    busy = {}
+    for model, summary in exports.items():
+        state = summary.get("machine_state")
+        if summary.get("status") == "ok" and state:
+            reasons = noise_reasons(state, config.alerts.max_load_per_core, config.alerts.max_other_cpu_share, "")
+            if reasons:
+                busy[model] = reasons
+    return busy
+
+
 def deployment_section(config: Config, exports: dict[str, dict[str, Any]], plot: Path | None) -> Section:
     """The report's deployment section: the table, the plot, the per-target choices, failed exports."""
     from food101.deploy_targets import recommend_targets
@@ -452,6 +471,12 @@ def deployment_section(config: Config, exports: dict[str, dict[str, Any]], plot:
               num(r["size_mb"], 1), num(r["peak_rss_mb"], 0)] for r in rows]))
         if plot is not None:
             blocks.append(Figure(plot, "Test top-1 against batch-1 latency, per model, runtime and precision."))
+        busy = busy_exports(config, exports)
+        if busy:
+            blocks.append(Para("**Timed on a busy machine** (`alerts` sets the limits): " + "; ".join(
+                f"{m}'s runtimes ({', '.join(reasons)})" for m, reasons in busy.items())
+                + ". Their latencies and throughputs may not hold on a quiet machine, nor the choices below "
+                "that rest on them."))
         notes = [f"For {m}, {s['int8']['sentence']}"
                  for m, s in exports.items() if s.get("status") == "ok"]
         blocks.append(Para("int8 against fp32 on the same test photos (McNemar): " + " ".join(notes)))

@@ -300,3 +300,37 @@ def test_exports_beside_models_loaded_from_state_on_other_threads_all_succeed(tm
             thread.join(timeout=600)
     assert errors == []
     assert all(onnx.load(str(tmp_path / f"m{i}.onnx")) for i in range(2))
+
+
+def test_export_records_the_machine_state_and_the_report_flags_a_busy_one(exported):
+    """Found: evaluate's timings waited for the machine to settle and recorded its state, so the
+    report said when a latency was measured on a busy machine; export's runtime timings, behind
+    the deployment targets' choices, did neither. Both now: the same settle wait (evaluate.settle_s,
+    0 in the tests) and machine_state in export.json, and the deployment section names the models
+    whose runtimes were timed while other processes held the CPU."""
+    import subprocess
+    import sys
+
+    from food101.timing import machine_monitor
+
+    config, _ = exported
+    exports = ex.load_exports(config, MODELS)
+    for model in MODELS:
+        state = exports[model]["machine_state"]
+        assert state["settle_wait_s"] == 0.0 and state["seconds"] > 0
+        assert 0.0 <= state["other_cpu_share"] <= 1.0 and state["cores"] >= 1
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])  # one core busy all along
+    try:
+        with machine_monitor() as busy_state:
+            pass
+    finally:
+        burner.kill()
+        burner.wait()
+    assert busy_state["other_cpu_share"] > config.alerts.max_other_cpu_share
+    flagged = {**exports, MODELS[1]: {**exports[MODELS[1]], "machine_state": busy_state}}
+    assert MODELS[1] in ex.busy_exports(config, flagged)
+    section = ex.deployment_section(config, flagged, None)
+    note = next(b.text for b in section.blocks if isinstance(b, Para) and "busy machine" in b.text)
+    assert f"{MODELS[1]}'s runtimes (" in note and "other processes used" in note
+    older = {m: {k: v for k, v in s.items() if k != "machine_state"} for m, s in exports.items()}
+    assert ex.busy_exports(config, older) == {}  # an export.json from before states were recorded
