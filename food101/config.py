@@ -143,6 +143,7 @@ class EvaluateConfig:
     latency_threads: int = 1  # intra-op CPU threads for batch-1 latency (0 = all cores); throughput uses all
     settle_s: float = 30.0  # before timing, wait at most this long for other processes to quieten (0 = no wait)
     settle_cpu_share: float = 0.1  # ... until they use at most this share of all cores
+    timing_processes: int = 5  # CPU timings: this many fresh probe processes, the runs shared out
 
 
 EXPORT_RULES = ("max_accuracy_under_p95", "max_accuracy_under_size", "max_throughput")

@@ -85,6 +85,7 @@ _RULES: dict[str, tuple[typing.Callable[[Any], bool], str]] = {
     "evaluate.latency_threads": _at_least(0),
     "evaluate.settle_s": _at_least(0),
     "evaluate.settle_cpu_share": _FRACTION_OPEN_BOTTOM,
+    "evaluate.timing_processes": _at_least(1),
     "evaluate.throughput_batch": _at_least(1),
     "evaluate.bootstrap_samples": _at_least(1),
     "evaluate.ece_bins": _at_least(1),

@@ -67,6 +67,9 @@ SAMPLED_METRICS = {
     "latency_cpu_p50_ms": ("latency_ms", "cpu"), "latency_gpu_p50_ms": ("latency_ms", "gpu"),
     "throughput_cpu_ips": ("throughput_ips", "cpu"), "throughput_gpu_ips": ("throughput_ips", "gpu"),
 }
+# CPU timings are compared on their probe processes' medians: a process, not a forward, is the unit
+# that varies (food101.speed.time_on_cpu_in_processes). GPU timings run in the flow's process.
+PROCESS_MEDIANS = "process_medians"
 THROUGHPUT_METRICS = ("train_images_per_s", "throughput_cpu_ips", "throughput_gpu_ips")
 # Speed figures only mean something against the same hardware.
 SPEED_METRICS = (*SAMPLED_METRICS, "train_images_per_s", "train_time_s")
@@ -137,6 +140,15 @@ class BenchmarkRecord:
         values = self.timing.get(model, {}).get(f"{name}/{device}")
         return list(values) if values else None
 
+    def units(self, model: str, metric: str) -> list[float] | None:
+        """What a comparison tests for a timing metric: on the CPU each probe process's median
+        (None for a benchmark recorded before they were kept), on a GPU the raw samples."""
+        name, device = SAMPLED_METRICS[metric]
+        if device == "gpu":
+            return self.samples(model, metric)
+        values = self.timing.get(model, {}).get(f"{name}/{device}/{PROCESS_MEDIANS}")
+        return list(values) if values else None
+
 
 # --- recording ---------------------------------------------------------------------------------
 
@@ -193,10 +205,15 @@ def read_predictions_if_present(config: Config, models: list[str]) -> dict[str, 
 
 
 def timing_by_metric(frame: pd.DataFrame) -> dict[str, list[float]]:
-    """{"latency_ms/cpu": [...], ...} from timing_samples.parquet's rows, in sample order."""
+    """{"latency_ms/cpu": [...], ...} from timing_samples.parquet's rows, in sample order; with a
+    `process` column also each probe process's median, in process order, under
+    "latency_ms/cpu/process_medians"."""
     out: dict[str, list[float]] = {}
     for (metric, device), rows in frame.sort_values("sample_index").groupby(["metric", "device"], sort=True):
         out[f"{metric}/{device}"] = [float(v) for v in rows["value"]]
+        if "process" in rows:
+            medians = rows.groupby("process", sort=True)["value"].median()
+            out[f"{metric}/{device}/{PROCESS_MEDIANS}"] = [float(v) for v in medians]
     return out
 
 
@@ -452,15 +469,22 @@ def _timing_outcome(
         if current.metrics[model][metric] == previous.metrics[model][metric]:
             return {"outcome": NO_CHANGE, "reason": "identical (the same training)"}
         return {"outcome": INCONCLUSIVE, "reason": "one figure per training: no samples to test"}
-    before, after = previous.samples(model, metric), current.samples(model, metric)
+    raw = previous.samples(model, metric), current.samples(model, metric)
+    if None in raw:
+        which = " and ".join(name for name, s in zip(("the previous", "this"), raw, strict=True) if s is None)
+        return {"outcome": INCONCLUSIVE, "reason": f"no raw timing samples in {which} benchmark"}
+    before, after = previous.units(model, metric), current.units(model, metric)
     if before is None or after is None:
         which = " and ".join(name for name, s in (("the previous", before), ("this", after)) if s is None)
-        return {"outcome": INCONCLUSIVE, "reason": f"no raw timing samples in {which} benchmark"}
+        return {"outcome": INCONCLUSIVE, "reason": f"no per-process timing samples in {which} benchmark (timed "
+                "in one process: the process-to-process spread cannot be told from a change)"}
+    unit = "raw samples" if SAMPLED_METRICS[metric][1] == "gpu" else "process medians"
     noisy = (timing.noise_reasons(previous.machine_state.get(model), thresholds.max_load_per_core,
                                   thresholds.max_other_cpu_share, "previous")
              + timing.noise_reasons(current.machine_state.get(model), thresholds.max_load_per_core,
                                     thresholds.max_other_cpu_share, "this"))
-    verdict = timing.compare_samples(before, after, metric in HIGHER_IS_BETTER, thresholds.min_timing_effect)
+    verdict = timing.compare_samples(before, after, metric in HIGHER_IS_BETTER, thresholds.min_timing_effect,
+                                     unit=unit)
     out = {"test": verdict.test, "p_value": verdict.p_value, "effect": verdict.effect,
            "significant": verdict.outcome in (REGRESSION, IMPROVEMENT)}
     if noisy:

@@ -202,22 +202,23 @@ class TimingVerdict:
 
 
 def compare_samples(before: list[float], after: list[float], higher_is_better: bool, min_effect: float,
-                    alpha: float = ALPHA) -> TimingVerdict:
+                    alpha: float = ALPHA, unit: str = "samples") -> TimingVerdict:
     """Mann-Whitney U (two-sided) on two runs' samples, plus a minimum change of the median.
 
     A significant shift smaller than `min_effect` is "no change"; a large shift that is not
-    significant (too few samples, too much spread) is "inconclusive", never a regression.
+    significant (too few samples, too much spread) is "inconclusive", never a regression. `unit`
+    names what the values are (the history passes each probe process's median).
     """
     import numpy as np
     from scipy.stats import mannwhitneyu
 
     if len(before) < 2 or len(after) < 2:
-        return TimingVerdict(INCONCLUSIVE, f"too few samples ({len(before)} and {len(after)})", "none")
+        return TimingVerdict(INCONCLUSIVE, f"too few {unit} ({len(before)} and {len(after)})", "none")
     median_before, median_after = float(np.median(before)), float(np.median(after))
     effect = (median_after - median_before) / median_before if median_before else 0.0
     spread = f"median {_median_iqr(before)} -> {_median_iqr(after)}"
     p_value = float(mannwhitneyu(before, after, alternative="two-sided").pvalue)
-    test = f"mann-whitney u p={p_value:.3g} (n={len(before)}, {len(after)})"
+    test = f"mann-whitney u p={p_value:.3g} (n={len(before)}, {len(after)} {unit})"
     worse = effect < 0 if higher_is_better else effect > 0
     if p_value >= alpha:
         if abs(effect) >= min_effect:

@@ -47,7 +47,7 @@ from food101.io import (
     write_parquet,
     write_text,
 )
-from food101.speed import autocast, prepare_cpu_probe, time_model, time_on_cpu_alone
+from food101.speed import autocast, prepare_cpu_probe, time_model, time_on_cpu_in_processes
 from food101.timing import MIN_WINDOW_S, QUIET, WORKER_CPU_KEY, machine_monitor, settle
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
@@ -66,8 +66,8 @@ PROBS_FILE = "probs.npy"  # (n_test, classes)
 VAL_PROBS_FILE = "val_probs.npy"  # (n_val, classes); the labels are the cache's val labels
 RELIABILITY_FILE = "reliability.png"
 SEEDS_FILE = "seeds.json"  # only with train.seeds > 1: top-1, top-5, macro-F1 of every seed's training
-TIMING_FILE = "timing_samples.parquet"  # every timed forward: metric, device, sample_index, value
-TIMING_COLUMNS = ("metric", "device", "sample_index", "value")
+TIMING_FILE = "timing_samples.parquet"  # every timed forward: metric, device, sample_index, value, process
+TIMING_COLUMNS = ("metric", "device", "sample_index", "value", "process")
 METRIC_KEYS = (
     "model", "n_test", "top1", "top1_ci_low", "top1_ci_high", "top5", "top5_ci_low", "top5_ci_high",
     "macro_precision", "macro_recall", "macro_f1", "ece",
@@ -245,9 +245,9 @@ def _time_devices(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, d
     schedule = (settings.latency_warmup, settings.latency_runs), (tp_warmup, tp_runs)
     for device in devices:
         kind = "gpu" if device.type == "cuda" else "cpu"
-        if device.type == "cpu":  # in a process of its own: see food101.speed
-            timed = time_on_cpu_alone(model, single, batch, *schedule, threads=torch.get_num_threads(),
-                                      latency_threads=latency_threads)
+        if device.type == "cpu":  # in processes of their own: see food101.speed
+            timed = time_on_cpu_in_processes(model, single, batch, *schedule, threads=torch.get_num_threads(),
+                                             latency_threads=latency_threads, processes=settings.timing_processes)
         else:
             on_device = model if next(model.parameters()).device == device else copy.deepcopy(model).to(device)
             timed = time_model(on_device, single, batch, device, *schedule)
@@ -255,10 +255,12 @@ def _time_devices(model: nn.Module, single: torch.Tensor, batch: torch.Tensor, d
         out[f"throughput_{kind}_ips"] = timed.throughput_ips
         state[WORKER_CPU_KEY] = state.get(WORKER_CPU_KEY, 0.0) + timed.worker_cpu_s
         if samples is not None:
-            for metric, values in (("latency_ms", timed.latency_samples_ms),
-                                   ("throughput_ips", timed.throughput_samples_ips)):
-                samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v)}
-                               for i, v in enumerate(values))
+            for metric, values, processes in (("latency_ms", timed.latency_samples_ms, timed.latency_process),
+                                              ("throughput_ips", timed.throughput_samples_ips,
+                                               timed.throughput_process)):
+                processes = processes or [0] * len(values)  # one process (the GPU's: this one)
+                samples.extend({"metric": metric, "device": kind, "sample_index": i, "value": float(v),
+                                "process": int(k)} for i, (v, k) in enumerate(zip(values, processes, strict=True)))
         log.info("%s: batch-1 latency p50 %.2f ms, p95 %.2f ms; %.1f images/s at batch %d",
                  device, timed.latency_p50_ms, timed.latency_p95_ms, timed.throughput_ips, len(batch))
     return out

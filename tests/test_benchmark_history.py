@@ -67,8 +67,9 @@ def test_second_benchmark_reports_changes_since_the_first(demo_run, second_run, 
     # Timings carry their samples and the machine's state; they are tested, never thresholded.
     for model in config.models:
         samples = read_timing_samples(config, model)
-        assert list(samples.columns) == ["metric", "device", "sample_index", "value"]
+        assert list(samples.columns) == ["metric", "device", "sample_index", "value", "process"]
         assert (samples["metric"] == "latency_ms").sum() == config.evaluate.latency_runs
+        assert samples["process"].nunique() == min(config.evaluate.timing_processes, config.evaluate.latency_runs)
         assert "other_cpu_share" in read_metrics(config, model)["machine_state"]
     speed = [d for d in saved["deltas"] if d["metric"] == "throughput_cpu_ips"]
     assert speed and all(d["test"].startswith("mann-whitney u p=") for d in speed)

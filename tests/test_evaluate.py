@@ -222,19 +222,28 @@ def test_score_and_speed_on_their_own(tmp_path, one_thread):
 def test_cpu_speed_is_timed_in_a_process_of_its_own(tmp_path, one_thread):
     """In the flow's process its other threads take the GIL between a small network's operators
     (the demo timed mobilenet_v3_large at 15 ms there, 3.3 ms alone, and so reported that no
-    model met the latency budget). Every timed CPU forward now runs in another process, and the
-    samples and figures come back from it."""
+    model met the latency budget). Every timed CPU forward now runs in other processes,
+    `evaluate.timing_processes` fresh ones (each with the whole warm-up and its share of the runs),
+    and the samples and figures come back from them, each sample tagged with its process."""
+    from food101.speed import split_runs
+
     settings = make_config(tmp_path).evaluate
     log_file = tmp_path / "forwards.txt"
     samples: list[dict] = []
     speed = ev.measure_speed(ForwardLog(log_file), 32, settings, [torch.device("cpu")], samples)
     pids = [line.split()[0] for line in log_file.read_text().splitlines()]
+    processes = min(settings.timing_processes, settings.latency_runs)
     warmup, runs = ev.throughput_schedule(settings)
-    assert len(pids) == settings.latency_warmup + settings.latency_runs + warmup + runs
-    assert str(os.getpid()) not in pids and len(set(pids)) == 1
+    batches = sum(max(1, share) for share in split_runs(runs, processes))
+    assert len(pids) == processes * (settings.latency_warmup + warmup) + settings.latency_runs + batches
+    assert str(os.getpid()) not in pids and len(set(pids)) == processes > 1
     latency = [s["value"] for s in samples if s["metric"] == "latency_ms"]
     assert len(latency) == settings.latency_runs and speed["latency_cpu_p50_ms"] == pytest.approx(np.median(latency))
-    assert len([s for s in samples if s["metric"] == "throughput_ips"]) == runs
+    assert len([s for s in samples if s["metric"] == "throughput_ips"]) == batches
+    assert sorted({s["process"] for s in samples}) == list(range(processes))
+    # Each process's forwards are contiguous in the log, in the order of the samples' process tags.
+    order = list(dict.fromkeys(pids))
+    assert [order.index(pid) for pid in pids] == sorted(order.index(pid) for pid in pids)
 
 
 def test_timing_waits_at_most_settle_s_for_other_processes_to_quieten(tmp_path, one_thread):
