@@ -9,6 +9,7 @@ when either machine was busy.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -29,6 +30,8 @@ MIN_WINDOW_S = 0.5  # the shortest window machine_monitor measures over
 # CPU seconds that the block spent in a process that is neither this one nor a waited-for child
 # (a pool worker): the block adds them to the state under this key, and they count as its own.
 WORKER_CPU_KEY = "worker_cpu_s"
+
+log = logging.getLogger(__name__)
 
 
 class QuietLock:
@@ -156,6 +159,18 @@ def settle(max_other_cpu_share: float, timeout_s: float) -> float:
         waited = time.perf_counter() - start
         if share is None or share <= max_other_cpu_share or waited >= timeout_s:
             return round(waited, 2)
+
+
+@contextmanager
+def settled_window(max_other_cpu_share: float, settle_s: float) -> Iterator[dict[str, Any]]:
+    """`settle`, then a `machine_monitor` around the block: the state it yields is filled on exit,
+    with `settle_wait_s`, the seconds the settle waited. Evaluate's and export's timings use it."""
+    waited = settle(max_other_cpu_share, settle_s)
+    if waited >= MIN_WINDOW_S * 2:
+        log.info("waited %.1f s for other processes to quieten before timing", waited)
+    with machine_monitor() as state:
+        yield state
+    state["settle_wait_s"] = waited
 
 
 def _own(times: Any) -> float:

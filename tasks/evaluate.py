@@ -48,7 +48,7 @@ from food101.io import (
     write_text,
 )
 from food101.speed import autocast, prepare_cpu_probe, time_model, time_on_cpu_in_processes
-from food101.timing import MIN_WINDOW_S, QUIET, WORKER_CPU_KEY, machine_monitor, settle
+from food101.timing import QUIET, WORKER_CPU_KEY, settled_window
 from food101.tracking import stage_run
 from tasks.preprocess import open_cache
 from tasks.train import load_best, load_trained_model, read_train_summary, replica_dir, replica_seeds
@@ -226,12 +226,8 @@ def measure_speed(
     with QUIET.timing():  # no other timing or export's heavy work beside it
         if any(device.type == "cpu" for device in devices):
             prepare_cpu_probe()  # the forkserver's first start is not another process's work to wait out
-        waited = settle(settings.settle_cpu_share, settings.settle_s)
-        if waited >= MIN_WINDOW_S * 2:
-            log.info("waited %.1f s for other processes to quieten before timing", waited)
-        with machine_monitor() as state:
+        with settled_window(settings.settle_cpu_share, settings.settle_s) as state:
             out.update(_time_devices(model, single, batch, devices, settings, latency_threads, state, samples))
-    state["settle_wait_s"] = waited
     out["machine_state"] = state
     return out
 

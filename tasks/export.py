@@ -43,7 +43,7 @@ from food101.onnx_inference import (
     session,
     with_preprocessing,
 )
-from food101.timing import QUIET, machine_monitor, noise_reasons, settle
+from food101.timing import QUIET, noise_reasons, settled_window
 from food101.tracking import Run, stage_run
 
 log = logging.getLogger(__name__)
@@ -276,10 +276,8 @@ def build_exports(config: Config, model: str, staged: Path) -> tuple[dict[str, A
     # Before timing, the same settle wait as evaluate's (evaluate.settle_s); the machine's state over
     # the probes is recorded (each probe is a waited-for child, so its CPU counts as the timing's own).
     with training_slots(config).acquire(f"export[{model}]"), QUIET.timing():
-        waited = settle(config.evaluate.settle_cpu_share, config.evaluate.settle_s)
-        with machine_monitor() as state:
+        with settled_window(config.evaluate.settle_cpu_share, config.evaluate.settle_s) as state:
             timings = {key: probe_runtime(key[0], files[key], crop, settings) for key in VARIANTS}
-    state["settle_wait_s"] = waited
     variants = []
     for runtime, precision in VARIANTS:
         key = (runtime, precision)

@@ -303,17 +303,18 @@ from pathlib import Path
 import psutil, torch
 from torchvision.models import get_model
 import tasks.evaluate as ev
+from food101 import timing
 from food101.config import load_config
 
 def servers():
     return [p for p in psutil.Process().children() if "forkserver" in " ".join(p.cmdline())]
 
 seen = []
-real_settle = ev.settle
+real_settle = timing.settle
 def settle(share, limit):
     seen.append(len(servers()))
     return real_settle(share, limit)
-ev.settle = settle
+timing.settle = settle
 settings = load_config(Path(sys.argv[1])).evaluate
 assert servers() == []
 ev.measure_speed(get_model("mobilenet_v3_small", weights=None, num_classes=4).eval(), 32, settings,
